@@ -1,0 +1,541 @@
+"""
+The Moxin-7B network: a Mistral-style decoder-only transformer.
+
+    tokens -> embedding -> n_layers x Block -> RMSNorm -> output head -> logits
+    Block:  x = x + Attention(RMSNorm(x));  x = x + FeedForward(RMSNorm(x))
+
+Attention uses grouped-query heads (n_heads queries share n_kv_heads keys/values),
+rotary position embeddings and a sliding window: token i attends to keys
+i-W+1 .. i, exactly W of them. At inference a rolling-buffer KV cache keeps only
+the last W keys/values per layer, so decoding memory stops growing at W tokens.
+
+Weights use the Hugging Face layout (the "rotate_half" RoPE convention), so HF
+Mistral/Llama checkpoints load by renaming alone; Mistral's original consolidated
+checkpoints (interleaved RoPE pairs) are permuted at load time.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 36
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096  # None = full causal attention
+    max_seq_len: int = 32768
+    tie_embeddings: bool = False
+
+
+PRESETS = {
+    # moxin-llm-7b's HF config: 8,114,180,096 parameters
+    "moxin-7b": dict(),
+    # Mistral-7B-v0.1: the same shape with 32 layers
+    "mistral-7b": dict(n_layers=32),
+    # trains on 2 CPU cores in minutes; same vocabulary so the Mistral tokenizer fits
+    "demo": dict(dim=256, n_layers=4, head_dim=64, hidden_dim=768, n_heads=4, n_kv_heads=2,
+                 sliding_window=256, max_seq_len=1024, tie_embeddings=True),
+    # for tests: every feature (GQA, window smaller than a sequence) at toy size
+    "tiny": dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                 vocab_size=256, sliding_window=8, max_seq_len=128),
+}
+
+
+def model_args(preset, **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset '{preset}' (known: {', '.join(PRESETS)})")
+    return ModelArgs(**{**PRESETS[preset], **overrides})
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # float32 inside: the mean of squares loses too much precision in bf16
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos/sin tables [T, head_dim] for absolute positions, in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)  # half-split layout: pair (j, j + head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, H, T, head_dim]: each pair (x_j, x_{j+d/2}) turns by its position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
+        if cache is not None:
+            k_all, v_all = cache.keys_values(layer, k, v)
+        else:
+            k_all, v_all = k, v
+        # enable_gqa: each group of n_heads // n_kv_heads query heads reads the same key/value head
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def window_mask(q_pos, k_pos, window):
+    """Boolean [Tq, Tk]: query at q_pos may read key at k_pos (k_pos < 0 marks an empty slot)."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window  # exactly `window` keys: q-W+1 .. q
+    return allowed
+
+
+class KVCache:
+    """
+    Rolling-buffer cache: `capacity` slots per layer, and the key/value of absolute
+    position p lives in slot p % capacity. With capacity == sliding_window the
+    buffer always holds every key a new token may read, so it can roll forever;
+    a smaller buffer (max_tokens) or a model with full attention cannot roll, and
+    overflowing it is an error.
+    """
+
+    def __init__(self, args, batch_size, device, dtype, max_tokens=None):
+        self.window = args.sliding_window
+        capacity = args.sliding_window or args.max_seq_len
+        if max_tokens is not None:
+            capacity = min(capacity, max_tokens)
+        self.capacity = capacity
+        self.rolls = self.window is not None and capacity == self.window
+        shape = (batch_size, args.n_kv_heads, capacity, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.pos = 0  # tokens seen so far, the same for every row
+
+    def slot_positions(self):
+        """Absolute position held by each slot, -1 where the slot is still empty."""
+        slots = torch.arange(self.capacity, device=self.k[0].device)
+        newest = slots + self.capacity * torch.div(self.pos - 1 - slots, self.capacity, rounding_mode="floor")
+        return torch.where(slots < self.pos, newest, -1)
+
+    def keys_values(self, layer, k, v):
+        """Return cached + new keys/values for attention, then store the new ones."""
+        k_all = torch.cat([self.k[layer], k], dim=2)
+        v_all = torch.cat([self.v[layer], v], dim=2)
+        T = k.shape[2]
+        keep = min(T, self.capacity)  # only the newest `capacity` tokens can be read later
+        slots = (self.pos + torch.arange(T - keep, T, device=k.device)) % self.capacity
+        self.k[layer].index_copy_(2, slots, k[:, :, T - keep:])
+        self.v[layer].index_copy_(2, slots, v[:, :, T - keep:])
+        return k_all, v_all
+
+    def expand(self, batch_size):
+        """Copy a batch-1 cache into `batch_size` rows (several continuations of one prefix)."""
+        new = object.__new__(KVCache)
+        new.__dict__.update(self.__dict__)
+        new.k = [t.expand(batch_size, -1, -1, -1).clone() for t in self.k]
+        new.v = [t.expand(batch_size, -1, -1, -1).clone() for t in self.v]
+        return new
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        if args.n_heads % args.n_kv_heads:
+            raise ValueError(f"n_heads={args.n_heads} is not a multiple of n_kv_heads={args.n_kv_heads}")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.args.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, idx, cache=None):
+        """Final-norm hidden states [B, T, dim]. With a cache, positions continue from cache.pos."""
+        x = self.tok_embeddings(idx)
+        if cache is None:
+            return self.norm(self._run_layers(x, 0, None))
+        if not cache.rolls and cache.pos + idx.shape[1] > cache.capacity:
+            raise ValueError(f"KV cache full: {cache.pos} + {idx.shape[1]} tokens exceed its {cache.capacity} slots")
+        # prefill in chunks of at most `capacity` tokens, so attention memory stays bounded
+        outs = []
+        for chunk in x.split(cache.capacity, dim=1):
+            outs.append(self._run_layers(chunk, cache.pos, cache))
+            cache.pos += chunk.shape[1]
+        return self.norm(torch.cat(outs, dim=1))
+
+    def _run_layers(self, x, start, cache):
+        T = x.shape[1]
+        q_pos = torch.arange(start, start + T, device=x.device)
+        cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
+        W = self.args.sliding_window
+        if cache is not None:
+            mask = window_mask(q_pos, torch.cat([cache.slot_positions(), q_pos]), W)
+        elif W is None or T <= W:
+            mask = None  # plain causal: the window never bites (phases 1 and 2 train this way)
+        else:
+            mask = window_mask(q_pos, q_pos, W)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+        return x
+
+    def logits(self, h):
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()
+
+    def forward(self, idx, targets=None, cache=None):
+        logits = self.logits(self.hidden(idx, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
+    """
+    Yield new token ids one at a time. The prompt is prefilled through the rolling
+    cache (in chunks of at most W tokens), then each step feeds one token.
+    temperature 0 is greedy. Stops after yielding eos_id.
+    """
+    weight = model.tok_embeddings.weight
+    args = model.args
+    total = len(prompt) + max_new_tokens
+    if args.sliding_window is None and total > args.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's context of {args.max_seq_len} tokens")
+    cache = KVCache(args, 1, weight.device, weight.dtype, max_tokens=total)
+    idx = torch.tensor([prompt], dtype=torch.long, device=weight.device)
+    for _ in range(max_new_tokens):
+        logits = model.logits(model.hidden(idx, cache)[:, -1])
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        yield token.item()
+        if token.item() == eos_id:
+            return
+        idx = token[:, None]
+
+
+def sample_next(logits, temperature, top_k, top_p, generator=None):
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the tokens ranked above it already cover top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+# our parameter name <-> HF Mistral/Llama name ({} = layer index)
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+}
+
+
+def _rename(name, table):
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():  # layer index: match the pattern with {} in its place
+            pattern = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
+            return table[pattern].format(part) if pattern in table else None
+    return table.get(name)
+
+
+def _build(args, state_dict, device, dtype, source):
+    with torch.device("meta"):
+        model = Transformer(args)
+    missing = set(model.state_dict()) - set(state_dict)
+    unexpected = set(state_dict) - set(model.state_dict())
+    if missing or unexpected:
+        raise ModelLoadError(f"{source}: weights do not match the config "
+                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    for name, p in model.state_dict().items():
+        if state_dict[name].shape != p.shape:
+            raise ModelLoadError(f"{source}: {name} has shape {tuple(state_dict[name].shape)}, "
+                                 f"config expects {tuple(p.shape)}")
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()
+
+
+def _args_from_hf_config(cfg, source):
+    arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+    if arch not in ("MistralForCausalLM", "LlamaForCausalLM"):
+        raise ModelLoadError(f"{source}: unsupported architecture {arch} (MistralForCausalLM or LlamaForCausalLM)")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ModelLoadError(f"{source}: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not supported")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ModelLoadError(f"{source}: attention/MLP biases are not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{source}: activation {cfg['hidden_act']} is not supported (silu)")
+    n_heads = cfg["num_attention_heads"]
+    return ModelArgs(
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        hidden_dim=cfg["intermediate_size"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        sliding_window=cfg.get("sliding_window"),  # absent (Llama) or null: full attention
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def _load_hf_dir(path, device, dtype):
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise ModelLoadError(f"{path}: not a model directory (no config.json)")
+    with open(config_path) as f:
+        cfg = json.load(f)
+    try:
+        args = _args_from_hf_config(cfg, config_path)
+    except KeyError as e:
+        raise ModelLoadError(f"{config_path}: missing field {e}") from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state_dict = {}
+    reverse = {hf: ours for ours, hf in HF_NAMES.items()}
+    for file in files:
+        try:
+            tensors = load_file(os.path.join(path, file))
+        except Exception as e:
+            raise ModelLoadError(f"{path}/{file}: cannot read safetensors ({e})") from None
+        for hf_name, tensor in tensors.items():
+            ours = _rename(hf_name, reverse)
+            if ours is None:
+                if "rotary_emb" in hf_name:
+                    continue  # some exports store RoPE tables; we compute them
+                raise ModelLoadError(f"{path}/{file}: unexpected tensor {hf_name}")
+            state_dict[ours] = tensor
+    if args.tie_embeddings:
+        state_dict.pop("output.weight", None)
+    return _build(args, state_dict, device, dtype, path), path
+
+
+def _load_consolidated(path, device, dtype):
+    """mistral-inference's format: params.json + consolidated.safetensors, our parameter
+    names, but RoPE on interleaved pairs (x0,x1),(x2,x3).. instead of (x_j, x_j+d/2)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "params.json")) as f:
+        params = json.load(f)
+    state_dict = load_file(os.path.join(path, "consolidated.safetensors"))
+    known = {f.name for f in fields(ModelArgs)} - {"sliding_window", "tie_embeddings"}
+    args = ModelArgs(**{k: v for k, v in params.items() if k in known},
+                     sliding_window=params.get("sliding_window"),  # absent: full attention
+                     tie_embeddings="output.weight" not in state_dict)
+
+    def to_half_split(w, n_heads):
+        # rows of one head are ordered (pair, 2); regroup them as (2, pair)
+        return w.view(n_heads, args.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+    for name, w in state_dict.items():
+        if name.endswith("attention.wq.weight"):
+            state_dict[name] = to_half_split(w, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            state_dict[name] = to_half_split(w, args.n_kv_heads)  # v is not rotated: unchanged
+    return _build(args, state_dict, device, dtype, path), path
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    """Load a checkpoint file of this project or an HF Mistral/Llama directory.
+    Returns (model in eval mode, tokenizer spec for data.Tokenizer.load)."""
+    if not path or not os.path.exists(path):
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "params.json")):
+            return _load_consolidated(path, device, dtype)
+        return _load_hf_dir(path, device, dtype)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a checkpoint file ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        raise ModelLoadError(f"{path}: not a checkpoint of this project (needs 'model_args' and 'model')")
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known})
+    return _build(args, ckpt["model"], device, dtype, path), ckpt.get("tokenizer", "mistral")
+
+
+def save_checkpoint(path, model, tokenizer_spec, state_dict=None, **extra):
+    """One self-describing file: model_args, weights, tokenizer spec, plus extra plain values.
+    Written to a temporary name and renamed, so a crash never leaves a half-written file."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    state_dict = {k.replace("_orig_mod.", ""): v.detach().cpu() for k, v in state_dict.items()}
+    ckpt = {"model_args": asdict(model.args), "model": state_dict, "tokenizer": tokenizer_spec, **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def export_hf(model, out_dir, tokenizer_files=(), state_dict=None, dtype=torch.bfloat16, max_shard_bytes=5 << 30):
+    """Write an HF MistralForCausalLM directory (config.json + safetensors [+ index])
+    that transformers.AutoModelForCausalLM.from_pretrained loads. tokenizer_files are
+    copied in beside it (data.Tokenizer.hf_files() lists them)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    a = model.args
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {}
+    for name, t in state_dict.items():
+        name = name.replace("_orig_mod.", "")
+        tensors[_rename(name, HF_NAMES)] = t.detach().to("cpu", dtype).contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t.numel() * t.element_size() > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.numel() * t.element_size()
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": a.dim,
+        "num_hidden_layers": a.n_layers,
+        "head_dim": a.head_dim,
+        "intermediate_size": a.hidden_dim,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "vocab_size": a.vocab_size,
+        "rms_norm_eps": a.norm_eps,
+        "rope_theta": a.rope_theta,
+        "sliding_window": a.sliding_window,
+        "max_position_embeddings": a.max_seq_len,
+        "tie_word_embeddings": a.tie_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for file in tokenizer_files:
+        shutil.copy(file, os.path.join(out_dir, os.path.basename(file)))

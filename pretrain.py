@@ -1,0 +1,364 @@
+"""
+Pre-train a Moxin-style transformer on token shards (from `python data.py`).
+
+    python pretrain.py                                   # the demo: a small model, 2 CPU cores, minutes
+    python pretrain.py config/demo.py --max_steps=100    # a config file, then --key=value overrides
+    torchrun --nproc_per_node=8 pretrain.py config/moxin7b_phase1.py    # one node, FSDP2
+
+The same code runs both: under torchrun every block is sharded with FSDP2
+(`fully_shard`, then the root), so each rank holds 1/world_size of the weights,
+gradients and optimizer state; as a plain process it is ordinary single-device training.
+
+What ends up in out_dir:
+    checkpoints/step_NNNNNNNN/   resumable state (torch.distributed.checkpoint: each rank
+                                 writes its own shard); meta.json is written last, so a
+                                 directory without it is an interrupted save and is ignored
+    log.jsonl                    one JSON record per log interval and per evaluation
+    final.pt                     the trained weights in one file (model.save_checkpoint), read
+                                 by sample.py, eval.py and sft.py; hf/ too with export_hf=True
+
+Run it again with the same out_dir and it resumes from the newest complete checkpoint.
+sft.py imports the machinery below (setup_distributed .. save_final) instead of copying it.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+from model import ModelArgs, ModelLoadError, Transformer, export_hf, load_model, model_args, save_checkpoint
+
+# ----------------------------------------------------------------------------- defaults (= the demo)
+# data and model
+data_dir = 'data/demo'        # token shards written by `python data.py`
+preset = 'demo'               # model.PRESETS name, used when starting from scratch
+model_overrides = {}          # ModelArgs fields to change in the preset, e.g. {'n_layers': 2}
+init_from = ''                # '' = random init; or a .pt checkpoint / HF model dir to continue from
+# batch: one optimizer step sees batch_size * grad_accum * world_size sequences of block_size tokens
+block_size = 256
+batch_size = 8                # sequences per micro-batch per rank
+grad_accum = 2                # micro-batches per optimizer step
+# optimizer and schedule
+lr = 2e-3                     # peak learning rate
+min_lr_ratio = 0.1            # cosine ends at min_lr_ratio * lr
+warmup_steps = 30
+max_steps = 500
+weight_decay = 0.1            # matrices only
+betas = (0.9, 0.95)
+eps = 1e-8
+grad_clip = 1.0
+seed = 1337
+# speed / memory
+compile = False               # torch.compile each block
+activation_checkpointing = False  # recompute each block's activations in backward
+# output
+out_dir = 'out'
+resume = 'auto'               # 'auto' = newest complete checkpoint in out_dir, if any; or a checkpoint dir
+ckpt_interval = 250           # steps between resumable checkpoints
+keep_last = 2                 # resumable checkpoints kept on disk
+log_interval = 10
+eval_interval = 100           # steps between validation losses (0 = only at the end)
+eval_batches = 8              # micro-batches per validation loss
+export_hf = False             # also write {out_dir}/hf, an HF MistralForCausalLM directory
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None), list, tuple, dict))]
+
+
+class UsageError(ValueError):
+    """Bad input the user can fix; reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- distributed setup
+
+def setup_distributed():
+    """-> (rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them, one plain process."""
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if torch.cuda.is_available():
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl', device_id=device)
+    else:
+        device = torch.device('cpu')
+        dist.init_process_group('gloo')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False):
+    """
+    Build the Transformer on the meta device (no memory), then materialise it.
+    init_state: a full state dict to start from (on rank 0; other ranks pass {}), or None for random init.
+
+    Under torchrun each block, then the root, is wrapped with FSDP2's fully_shard: a block's
+    weights are all-gathered just before it runs and freed after, gradients are reduce-scattered.
+    On CUDA the shards are materialised directly, so a 7B model never exists whole on one GPU;
+    compute runs in bf16 while the weights, gradient reduction and optimizer stay in fp32.
+    On CPU (small models, tests) every rank first builds the whole model from the same seed and
+    then shards it, so the initial weights, and hence the losses, do not depend on world_size.
+    """
+    with torch.device('meta'):
+        model = Transformer(args)
+    for block in model.layers:
+        if activation_checkpointing:
+            # keep only each block's input; its activations are recomputed during backward
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        if compile:
+            block.compile()
+
+    def materialise():
+        model.to_empty(device=device)
+        torch.manual_seed(seed)
+        model.init_weights()
+
+    sharded = dist.is_initialized()
+    if sharded and device.type == 'cuda':
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        materialise()
+    elif sharded:
+        materialise()
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    else:
+        materialise()
+    if init_state is not None:
+        # rank 0 holds the full weights; each rank receives just its shards
+        set_model_state_dict(model, init_state, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=sharded))
+    return model
+
+
+def autocast_context(device):
+    """bf16 compute for a plain single-GPU run (FSDP's MixedPrecisionPolicy does it under torchrun)."""
+    if device.type == 'cuda' and not dist.is_initialized():
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def build_optimizer(model, lr, weight_decay, betas, eps, device):
+    """AdamW; weight decay on matrices (embeddings, linear weights) only, never on norm gains."""
+    params = list(model.parameters())
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == 'cuda')
+
+
+def lr_at(step, peak_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """LR for optimizer step `step` (0-based): linear warmup to peak_lr over warmup_steps,
+    then cosine decay that reaches min_lr_ratio * peak_lr at max_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_step(model, optimizer, next_batch, grad_accum, lr, grad_clip, device):
+    """
+    One optimizer step: grad_accum micro-batches of forward/backward, clip, update.
+    Returns (loss, grad_norm) as floats, the loss averaged over micro-batches and ranks.
+    Skips the update when either is NaN/inf, so the weights stay at their last good values.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        x, y = next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_context(device):
+            _, loss = model(x, targets=y)
+        (loss / grad_accum).backward()  # gradients add up over micro-batches
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    stats = torch.stack([loss_sum / grad_accum, grad_norm.float()])
+    if dist.is_initialized():
+        dist.all_reduce(stats)  # sum of losses over ranks; every rank already has the same grad norm
+        stats[0] /= dist.get_world_size()
+    loss, grad_norm = stats.tolist()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, loader, n_batches, device):
+    """Mean loss over n_batches micro-batches from `loader`, averaged over ranks."""
+    total = torch.zeros((), device=device)
+    for _ in range(n_batches):
+        x, y = loader.next_batch()
+        with autocast_context(device):
+            _, loss = model(x.to(device), targets=y.to(device))
+        total += loss
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total.item() / n_batches
+
+
+# ----------------------------------------------------------------------------- throughput
+
+def flops_per_token(args, seq_len):
+    """Training FLOPs per token: 6 per weight (2 forward + 4 backward) for every matmul weight,
+    plus the attention scores and weighted sum, 12 * layers * heads * head_dim * context
+    (the PaLM paper's appendix B count). The embedding lookup is not a matmul; a tied
+    output head still is."""
+    a = args
+    attn = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)  # wq, wo, wk, wv
+    ffn = 3 * a.dim * a.hidden_dim
+    matmul_params = a.n_layers * (attn + ffn) + a.vocab_size * a.dim
+    context = min(seq_len, a.sliding_window or seq_len)
+    return 6 * matmul_params + 12 * a.n_layers * a.n_heads * a.head_dim * context
+
+
+# dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts)
+GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12}
+
+
+def peak_flops(device):
+    """Peak FLOP/s of one rank: the datasheet for known GPUs, else a float32 matmul measured now."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+    n = 2048 if device.type == 'cpu' else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float('inf')
+    for _ in range(5):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(ckpt_root):
+    """The newest complete checkpoint directory under ckpt_root, or None."""
+    if not os.path.isdir(ckpt_root):
+        return None
+    done = sorted(d for d in os.listdir(ckpt_root)
+                  if d.startswith('step_') and os.path.exists(os.path.join(ckpt_root, d, 'meta.json')))
+    return os.path.join(ckpt_root, done[-1]) if done else None
+
+
+def save_train_state(ckpt_root, step, model, optimizer, meta, rank_state, keep_last):
+    """
+    Write ckpt_root/step_{step}: model and optimizer (each rank writes only its own shards),
+    per-rank state (RNG, data loader position) and, last, meta.json with everything else.
+    A kill at any point leaves either no meta.json (ignored on resume) or a complete checkpoint.
+    Then delete all but the newest keep_last complete checkpoints, and leftovers of failed saves.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.path.join(ckpt_root, f'step_{step:08d}')
+    if rank == 0 and os.path.exists(path):
+        shutil.rmtree(path)  # an interrupted earlier save of this very step
+    if dist.is_initialized():
+        dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {'model': model_sd, 'optim': optim_sd, f'rank{rank}': _rank_state(rank_state)}
+    dcp.save(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # returns once every rank has written
+    if os.environ.get('PRETRAIN_TEST_HANG_IN_SAVE') == str(step):
+        time.sleep(3600)  # test hook: freeze between the shards and meta.json so a test can kill us here
+    if rank == 0:
+        _write_json_atomic(os.path.join(path, 'meta.json'), {**meta, 'step': step})
+        complete = sorted(d for d in os.listdir(ckpt_root) if os.path.exists(os.path.join(ckpt_root, d, 'meta.json')))
+        for d in os.listdir(ckpt_root):
+            if d not in complete[-keep_last:] and d < os.path.basename(path):
+                shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_train_state(path, model, optimizer):
+    """Load a checkpoint written by save_train_state in place; -> (meta, this rank's rank_state)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with open(os.path.join(path, 'meta.json')) as f:
+        meta = json.load(f)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if meta['world_size'] != world_size:
+        raise UsageError(f"{path} was written by {meta['world_size']} ranks, this run has {world_size}: "
+                         f"resume with the same number of processes (the data position is per rank)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {'model': model_sd, 'optim': optim_sd, f'rank{rank}': _rank_state({})}
+    state[f'rank{rank}']['user'] = ''
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
+    mine = state[f'rank{rank}']
+    torch.set_rng_state(mine['rng_cpu'])
+    if 'rng_cuda' in mine:
+        torch.cuda.set_rng_state(mine['rng_cuda'])
+    return meta, json.loads(mine['user'])
+
+
+def _rank_state(user_state):
+    state = {'rng_cpu': torch.get_rng_state(), 'user': json.dumps(user_state)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['rng_cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def _write_json_atomic(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def save_final(model, path, tokenizer_spec, hf_dir=None, tokenizer_files=(), **extra):
+    """Gather the full weights onto rank 0 (CPU) and write one model.save_checkpoint file
+    (plus an HF directory when hf_dir is given). Every rank must call this."""
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    save_checkpoint(path, model, tokenizer_spec, state_dict=state_dict, **extra)
+    if hf_dir:
+        export_hf(model, hf_dir, tokenizer_files=tokenizer_files, state_dict=state_dict)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main():
+    from configurator import configure
+    configure(globals(), config_keys)
+    config = {k: globals()[k] for k in config_keys}
+    rank, world_size, device = setup_distributed()
+    try:
+        train(config, rank, world_size, device)
+    except (UsageError, ModelLoadError) as e:
+        if rank == 0:
+            print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(config, rank, world_size, device):
+    raise NotImplementedError
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,132 @@
+"""data.Tokenizer against independent implementations: Mistral's own mistral-common,
+HF transformers, and tiktoken/tokenizers objects built in the test."""
+import importlib.resources
+import json
+import shutil
+
+import pytest
+import tokenizers
+from tokenizers import models, pre_tokenizers, processors, trainers, decoders
+
+from data import Tokenizer
+
+MISTRAL_MODEL = str(importlib.resources.files('mistral_common') / 'data' / 'tokenizer.model.v1')
+PROSE = ["Hello world", "The quick brown fox jumps over the lazy dog.", "héllo 日本語 🤖 naïve café",
+         "", "x", "Numbers 12345 and symbols #$%&*!", "line one\nline two\n\nline four"]
+# runs of spaces and tabs: where HF's converted fast tokenizer is known to differ from SentencePiece
+WHITESPACE = ["def f(x):\n    return x\n", "  two leading", "a  b\t\tc", " leading space", "trailing  "]
+INJECTION = "a literal </s> and <s> stay text"
+
+
+@pytest.fixture(scope='module')
+def mistral():
+    return Tokenizer.load('mistral')
+
+
+def test_mistral_matches_mistral_common(mistral):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    ref = MistralTokenizer.v1().instruct_tokenizer.tokenizer
+    assert (mistral.vocab_size, mistral.bos_id, mistral.eos_id) == (32000, 1, 2)
+    for text in PROSE + WHITESPACE + [INJECTION]:
+        assert mistral.encode(text) == ref.encode(text, bos=False, eos=False), text
+        assert mistral.encode(text, add_special_tokens=True) == ref.encode(text, bos=True, eos=False), text
+        assert mistral.decode(ref.encode(text, bos=True, eos=True)) == text
+    assert 2 not in mistral.encode(INJECTION) and 1 not in mistral.encode(INJECTION)
+
+
+def test_mistral_matches_transformers(tmp_path, mistral):
+    pytest.importorskip('google.protobuf')  # transformers needs it to read a SentencePiece model
+    from transformers import AutoTokenizer
+    shutil.copy(MISTRAL_MODEL, tmp_path / 'tokenizer.model')
+    # the tokenizer_config.json of the mistralai/Mistral-7B-v0.1 repo, trimmed
+    (tmp_path / 'tokenizer_config.json').write_text(json.dumps(dict(
+        tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False, legacy=True,
+        bos_token='<s>', eos_token='</s>', unk_token='<unk>')))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in PROSE:
+        assert mistral.encode(text) == hf.encode(text, add_special_tokens=False), text
+        assert mistral.encode(text, add_special_tokens=True) == hf.encode(text), text
+    # a model dir with only tokenizer.model uses SentencePiece, the same as 'mistral'
+    from_dir = Tokenizer.load(str(tmp_path))
+    assert from_dir.kind == 'sentencepiece' and from_dir.encode(WHITESPACE[0], True) == mistral.encode(WHITESPACE[0], True)
+
+
+def _train_json(tmp_path, post_processor):
+    tok = tokenizers.Tokenizer(models.BPE(unk_token='<unk>'))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(PROSE)] * 5 + ["the cat sat on the mat " * 20]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=['<unk>', '<s>', '</s>'], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if post_processor:
+        tok.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', 1)])
+    tok.save(str(tmp_path / 'tokenizer.json'))
+    return tmp_path / 'tokenizer.json'
+
+
+@pytest.mark.parametrize('post_processor', [False, True])
+def test_tokenizer_json_matches_transformers(tmp_path, post_processor):
+    from transformers import PreTrainedTokenizerFast
+    path = _train_json(tmp_path, post_processor)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    ours = Tokenizer.load(str(path))
+    assert ours.kind == 'hf' and ours.vocab_size == hf.backend_tokenizer.get_vocab_size()
+    assert (ours.bos_id, ours.eos_id) == (1, 2)  # found by their usual names
+    for text in PROSE + WHITESPACE:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+        # add_special_tokens adds exactly what the post_processor adds: BOS here, nothing without one
+        assert ours.encode(text, add_special_tokens=True) == hf.encode(text, add_special_tokens=True), text
+        assert ours.decode(ours.encode(text, add_special_tokens=True) + [2]) == text
+    assert ours.encode("x", add_special_tokens=True)[:1] == ([1] if post_processor else ours.encode("x")[:1])
+    assert 2 not in ours.encode("</s>")  # special-token text stays text
+
+
+def test_model_dir_prefers_json_and_reads_special_names(tmp_path):
+    _train_json(tmp_path, post_processor=False)
+    shutil.copy(MISTRAL_MODEL, tmp_path / 'tokenizer.model')
+    (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'bos_token': {'content': '</s>'}, 'eos_token': '<unk>'}))
+    tok = Tokenizer.load(str(tmp_path))
+    assert tok.kind == 'hf' and tok.spec == str(tmp_path) and (tok.bos_id, tok.eos_id) == (2, 0)
+
+
+def test_tiktoken_wrapper(monkeypatch):
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)} | {b'he': 256, b'll': 257, b'hell': 258}
+    enc = tiktoken.Encoding('gpt2', pat_str=r"""'s|'t| ?\w+| ?[^\s\w]+|\s+""", mergeable_ranks=ranks,
+                            special_tokens={'<|endoftext|>': 259})
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: enc)
+    tok = Tokenizer.load('tiktoken:gpt2')
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (260, None, 259)
+    text = "hello <|endoftext|> there"
+    assert tok.encode(text) == enc.encode_ordinary(text) == tok.encode(text, add_special_tokens=True)
+    assert tok.decode(tok.encode(text) + [259]) == text
+
+
+def test_tiktoken_offline_error_is_one_line():
+    try:  # every tiktoken encoding is downloaded on first use; works only with network or a warm cache
+        tok = Tokenizer.load('tiktoken:gpt2')
+    except ValueError as e:
+        assert "tiktoken encoding 'gpt2'" in str(e) and '\n' not in str(e)
+    else:
+        assert tok.decode(tok.encode("hello world")) == "hello world"
+    with pytest.raises(ValueError, match="unknown tiktoken encoding 'nope'"):
+        Tokenizer.load('tiktoken:nope')
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('no/such/path', "not 'mistral', 'tiktoken:NAME', or an existing file"),
+    (__file__, 'is not a SentencePiece model'),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message) as e:
+        Tokenizer.load(spec)
+    assert '\n' not in str(e.value)
+
+
+def test_bad_dir_and_json(tmp_path):
+    with pytest.raises(ValueError, match='has neither tokenizer.json nor tokenizer.model'):
+        Tokenizer.load(str(tmp_path))
+    (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
+    with pytest.raises(ValueError, match='is not a tokenizers JSON file') as e:
+        Tokenizer.load(str(tmp_path))
+    assert '\n' not in str(e.value)
