@@ -11,12 +11,12 @@ offline. Other stages import Tokenizer, PackedLoader and encode_chat from here.
 import collections
 import glob
 import hashlib
-import importlib
 import importlib.resources
 import itertools
 import json
 import multiprocessing
 import os
+import pathlib
 import re
 import string
 import sys
@@ -26,6 +26,7 @@ import unicodedata
 import zlib
 
 import numpy as np
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -137,7 +138,7 @@ SOURCE_KINDS = {
     'pydoc': set(),                                   # the interpreter's pydoc topics: English text
     'stdlib': set(),                                  # the interpreter's standard library .py files: code
     'local': {'path', 'text_field'},                  # a .txt/.jsonl/.parquet file, a directory of them, or a glob
-    'hf': {'path', 'text_field', 'data_dirs', '*'},   # datasets.load_dataset(streaming=True); other keys go to it
+    'hf': {'path', 'config', 'text_field', 'data_dirs', '*'},  # datasets.load_dataset(path, config, streaming=True, **rest)
     'capability': {'tasks', 'data_dir'},              # benchmark training splits in eval.py's prompt format
 }
 
@@ -160,15 +161,17 @@ def open_source(src, index):
         from pydoc_data.topics import topics
         return lambda: (topics[k] for k in sorted(topics))
     if kind == 'stdlib':
-        return lambda: (open(p, encoding='utf-8').read() for p in _stdlib_files())
+        return lambda: (pathlib.Path(p).read_text(encoding='utf-8') for p in _stdlib_files())
     if kind == 'local':
         files = _local_files(src.get('path'), where)
         return lambda: (doc for path in files for doc in _read_local(path, field))
     if kind == 'hf':
         if 'path' not in src:
             raise ValueError(f"{where}: missing 'path' (a Hugging Face dataset name)")
-        kwargs = {k: v for k, v in src.items() if k not in ('name', 'kind', 'weight', 'text_field', 'data_dirs')}
-        return lambda: _read_hf(kwargs, src.get('data_dirs'), field)
+        # 'name' labels the source here, so the dataset's own config name is given as 'config'
+        kwargs = {k: v for k, v in src.items() if k not in ('name', 'kind', 'weight', 'text_field', 'data_dirs', 'config')}
+        return lambda: _read_hf({**kwargs, 'name': src.get('config')}, src.get('data_dirs'), field)
+    _capability_tasks(src.get('tasks'), where)  # fail on a typo now, not after hours of other sources
     return lambda: _capability_docs(src.get('tasks'), src.get('data_dir'), where)
 
 
@@ -234,21 +237,40 @@ def _read_local(path, field):
 def _read_hf(kwargs, data_dirs, field):
     import datasets
     kwargs = {'split': 'train', **kwargs, 'streaming': True}
-    if data_dirs:  # e.g. the-stack-dedup's per-language folders, interleaved so each language shows up early
-        ds = datasets.interleave_datasets([datasets.load_dataset(**kwargs, data_dir=d) for d in data_dirs],
-                                          stopping_strategy='all_exhausted')
-    else:
-        ds = datasets.load_dataset(**kwargs)
+    try:
+        if data_dirs:  # e.g. the-stack-dedup's per-language folders, interleaved so each language shows up early
+            ds = datasets.interleave_datasets([datasets.load_dataset(**kwargs, data_dir=d) for d in data_dirs],
+                                              stopping_strategy='all_exhausted')
+        else:
+            ds = datasets.load_dataset(**kwargs)
+    except Exception as e:  # offline, gated, misspelt: the library's messages run to many lines
+        raise ValueError(f"cannot stream {kwargs['path']}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
     for n, row in enumerate(ds):
         if field not in row:
             raise ValueError(f"{kwargs['path']} row {n}: no '{field}' field (fields: {', '.join(row)})")
         yield row[field] or ''
 
 
+def _capability_tasks(tasks, where):
+    """[(eval.py task, split)] from names like 'arc_easy' (its training split) or 'mmlu:auxiliary_train'."""
+    import eval as evaluate  # needs torch; only this kind of source imports it
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ValueError(f"{where}: 'tasks' must be a non-empty list of eval.py task names")
+    pairs = []
+    for spec in tasks:
+        name, _, split = str(spec).partition(':')
+        task = evaluate.get_task(name)
+        pairs.append((task, split or task.fewshot_split))
+    return evaluate, pairs
+
+
 def _capability_docs(tasks, data_dir, where):
-    """Phase 3: benchmark training splits rendered by eval.py itself, so the prompts match what is scored."""
-    evaluate = importlib.import_module('eval')
-    yield from evaluate.training_documents(tasks, data_dir)
+    """Phase 3: benchmark training splits rendered by eval.py's own code, so the model trains
+    on exactly the prompt format it is scored with; one solved question per document."""
+    evaluate, pairs = _capability_tasks(tasks, where)
+    for task, split in pairs:
+        rows, _ = evaluate.read_split(task, split, data_dir)
+        yield from evaluate.render_examples(task.name, rows)
 
 
 # ----------------------------------------------------------------------------- cleaning and dedup
@@ -308,7 +330,7 @@ class MinHash:
         hashes = self.ngram_hashes(text)
         sig = np.full(self.num_perm, 2**32, dtype=np.uint64)
         for chunk in np.array_split(hashes, max(1, len(hashes) // 4096)):  # bounds memory on long documents
-            sig = np.minimum(sig, ((chunk[:, None] * self.mult + self.add) >> np.uint64(32)).min(axis=0, initial=2**32))
+            sig = np.minimum(sig, ((chunk[:, None] * self.mult + self.add) >> np.uint64(32)).min(axis=0))
         return sig.astype(np.uint32)
 
     def band_keys(self, sig):
@@ -374,11 +396,287 @@ class Preparer:
 
 def _prepared(docs, pool, batch_size=64, depth=8):
     """Yield pool-prepared documents in order, keeping at most `depth` batches in flight
-    (Pool.imap would read the whole source ahead into memory)."""
-    batches, pending = iter(lambda: list(itertools.islice(docs, batch_size)), []), collections.deque()
+    (Pool.imap would read the whole source ahead into memory). A reading error is raised
+    when its document's turn comes, so the documents before it still reach the shards."""
+    pending, failure, more = collections.deque(), None, True
     while True:
-        while len(pending) < depth and (batch := next(batches, None)):
-            pending.append(pool.apply_async(_prepare_batch, (batch,)))
+        while more and len(pending) < depth:
+            batch = []
+            try:
+                for doc in docs:
+                    batch.append(doc)
+                    if len(batch) == batch_size:
+                        break
+                else:
+                    more = False
+            except ValueError as e:
+                failure, more = e, False
+            if batch:
+                pending.append(pool.apply_async(_prepare_batch, (batch,)))
         if not pending:
+            if failure:
+                raise failure
             return
         yield from pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------- tokenize to shards
+
+DEFAULTS = dict(
+    out_dir='data/pydoc',
+    tokenizer='mistral',
+    # the embedded corpus: this interpreter's docs (text) and standard library (code), offline
+    sources=[dict(name='pydoc', kind='pydoc', weight=0.5), dict(name='stdlib', kind='stdlib', weight=0.5)],
+    max_tokens=0,           # stop after this many tokens in all (0: when every source has run out)
+    val_tokens=2**17,       # the mixture's first documents, until this many tokens, go to val_0000.bin
+    shard_tokens=2**22,     # a shard closes at the first document boundary past this many tokens
+    min_chars=200,          # SlimPajama's rule; 0 keeps every document
+    dedup=True,             # exact + MinHash-LSH near-dedup across all sources
+    dedup_threshold=0.8,    # Jaccard similarity of word 13-gram sets
+    minhash_perms=128,
+    minhash_bands=0,        # 0: choose for dedup_threshold the way datasketch does (9 bands of 13 for 0.8/128)
+    workers=os.cpu_count(),
+)
+STEPS = ('short', 'exact_dup', 'near_dup', 'kept')
+
+
+def _settings(cfg):  # what decides the shards' contents; a resumed run must not mix two of them
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in ('out_dir', 'workers')}))
+
+
+def _save_atomic(path, write):
+    with open(path + '.tmp', 'wb') as f:
+        write(f)
+    os.replace(path + '.tmp', path)  # a reader sees the old file or the whole new one, never half
+
+
+def build(cfg):
+    """Stream the configured sources through cleaning, dedup and the mixture into token shards."""
+    out, settings = cfg['out_dir'], _settings(cfg)
+    opened = [open_source(src, i) for i, src in enumerate(cfg['sources'])]
+    if not opened or len({s['name'] for s in cfg['sources']}) < len(opened):
+        raise ValueError("sources must be a non-empty list of sources with distinct names")
+    tok = Tokenizer.load(cfg['tokenizer'])
+    if tok.eos_id is None:
+        raise ValueError(f"tokenizer {tok.spec} has no EOS token to end documents with")
+    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+    meta_path, state_path = os.path.join(out, 'meta.json'), os.path.join(out, 'state.npz')
+    if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta.get('settings') != settings:
+            raise ValueError(f"{out} holds shards built with other settings; choose another out_dir or delete it")
+        print(f"{out} is complete already: {meta['split_tokens']}")
+        return meta
+    os.makedirs(out, exist_ok=True)
+
+    names = [s['name'] for s in cfg['sources']]
+    bands = (cfg['minhash_bands'] or lsh_bands(cfg['dedup_threshold'], cfg['minhash_perms'])) if cfg['dedup'] else 0
+    dedup = Dedup(bands)
+    progress = dict(settings=settings, consumed=[0] * len(names), shards={'train': [], 'val': []},
+                    tokens={n: {'train': 0, 'val': 0} for n in names},
+                    cleaning={n: {step: [0, 0] for step in STEPS} for n in names})  # [documents, bytes]
+    if os.path.exists(state_path):  # resume after the last finished shard
+        with np.load(state_path) as saved:
+            progress = json.loads(str(saved['progress']))
+            if progress['settings'] != settings:
+                raise ValueError(f"{out} holds a partial build with other settings; choose another out_dir or delete it")
+            dedup.load_arrays(saved)
+        print(f"resuming {out} after shards {progress['shards']}")
+
+    def source_tokens(i):
+        return sum(progress['tokens'][names[i]].values())
+
+    split = 'val' if cfg['val_tokens'] and not progress['shards']['val'] else 'train'
+    buffer, buffer_tokens = [], 0
+    t0, docs_seen, tokens_seen = time.time(), 0, 0
+
+    def close_shard():
+        nonlocal buffer, buffer_tokens
+        path = os.path.join(out, f"{split}_{len(progress['shards'][split]):04d}.bin")
+        _save_atomic(path, np.concatenate(buffer).tofile)
+        progress['shards'][split].append(buffer_tokens)
+        # the state goes after the shard: a kill in between only means redoing that shard
+        _save_atomic(state_path, lambda f: np.savez(f, progress=json.dumps(progress), **dedup.arrays()))
+        buffer, buffer_tokens = [], 0
+
+    worker_settings = dict(tokenizer=cfg['tokenizer'], min_chars=cfg['min_chars'], num_perm=cfg['minhash_perms'], bands=bands)
+    active = list(range(len(names)))
+    weights = [src['weight'] for src in cfg['sources']]
+    total = sum(map(source_tokens, active))
+    with multiprocessing.Pool(max(1, cfg['workers']), _init_worker, (worker_settings,)) as pool, \
+            tqdm(total=cfg['max_tokens'] or None, initial=total, unit='tok', unit_scale=True, dynamic_ncols=True) as bar:
+        # a resumed run re-reads (but does not prepare) the documents that went into finished shards
+        streams = [_prepared(itertools.islice(make(), skip, None), pool)
+                   for make, skip in zip(opened, progress['consumed'])]
+        while active and not (cfg['max_tokens'] and total >= cfg['max_tokens']):
+            # mixture by tokens: the source furthest below its share gives the next document
+            i = min(active, key=lambda i: (source_tokens(i) / weights[i], i))
+            doc = next(streams[i], None)
+            if doc is None:  # a source that runs out leaves the mixture; the others go on
+                active.remove(i)
+                continue
+            progress['consumed'][i] += 1
+            docs_seen += 1
+            nbytes, prepared = doc
+            if prepared is None:
+                step = 'short'
+            else:
+                step = (dedup.check(*prepared[:2]) if cfg['dedup'] else None) or 'kept'
+            progress['cleaning'][names[i]][step][0] += 1
+            progress['cleaning'][names[i]][step][1] += nbytes
+            if step != 'kept':
+                continue
+            ids = prepared[2]
+            buffer.append(ids)
+            buffer_tokens += len(ids)
+            progress['tokens'][names[i]][split] += len(ids)
+            total += len(ids)
+            tokens_seen += len(ids)
+            bar.update(len(ids))
+            if buffer_tokens >= (cfg['val_tokens'] if split == 'val' else cfg['shard_tokens']):
+                close_shard()
+                split = 'train'
+    if buffer:
+        close_shard()
+    seconds = time.time() - t0
+    train_tokens = sum(progress['shards']['train'])
+    if not train_tokens:
+        kept = sum(c['kept'][0] for c in progress['cleaning'].values())
+        raise ValueError(f"no training data: {kept} documents kept after cleaning, "
+                         f"{sum(progress['shards']['val'])} tokens of them went to val (val_tokens={cfg['val_tokens']})")
+    meta = dict(tokenizer=tok.spec, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                dtype=np.dtype(dtype).name, shards=progress['shards'],
+                split_tokens={s: sum(n) for s, n in progress['shards'].items()},
+                tokens=progress['tokens'], cleaning=progress['cleaning'], settings=settings)
+    _save_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    os.remove(state_path)
+    _report(meta, docs_seen, tokens_seen, seconds)
+    return meta
+
+
+def _report(meta, docs, tokens, seconds):
+    print(f"{'source':<16}" + ''.join(f"{s + ' docs':>16}{'MB':>9}" for s in STEPS) + f"{'train tok':>13}{'val tok':>11}")
+    for name, steps in meta['cleaning'].items():
+        print(f"{name:<16}" + ''.join(f"{steps[s][0]:>16}{steps[s][1] / 1e6:>9.2f}" for s in STEPS)
+              + f"{meta['tokens'][name]['train']:>13}{meta['tokens'][name]['val']:>11}")
+    print(f"this run: {docs} documents read, {tokens} tokens written in {seconds:.1f}s "
+          f"({docs / max(seconds, 1e-9):.0f} docs/s, {tokens / max(seconds, 1e-9):.0f} tok/s); "
+          f"dataset: {meta['split_tokens']} tokens")
+
+
+# ----------------------------------------------------------------------------- the packed loader
+
+class PackedLoader:
+    """Batches of consecutive block_size+1 token windows, packed across document boundaries.
+
+    An epoch visits every window of the split once: shards in a seeded order, windows within
+    each shard in a seeded order, both new each epoch. Rank r of world_size takes every
+    world_size-th window of that sequence, so ranks never overlap; all ranks take the same
+    number of batches per epoch (the remainder is dropped) and their state is identical.
+    """
+
+    def __init__(self, data_dir, split, block_size, batch_size, rank=0, world_size=1, seed=0):
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"{meta_path} not found: build the data with `python data.py` first (or wait for it to finish)")
+        meta = json.load(open(meta_path))
+        paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_[0-9][0-9][0-9][0-9].bin')))
+        if not paths:
+            raise ValueError(f"{data_dir} has no {split}_NNNN.bin shards")
+        self.shards = [np.memmap(p, dtype=meta['dtype'], mode='r') for p in paths]
+        self.windows = np.array([(len(s) - 1) // block_size for s in self.shards])
+        self.block_size, self.batch_size, self.rank, self.world_size, self.seed = block_size, batch_size, rank, world_size, seed
+        self.steps_per_epoch = int(self.windows.sum()) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{data_dir} {split}: {self.windows.sum()} windows of {block_size + 1} tokens "
+                             f"cannot fill one batch of {batch_size} on each of {world_size} ranks")
+        self.epoch, self.step = 0, 0
+        self._cached_epoch = self._cached_shard = None
+
+    def _window(self, position):
+        """The (shard, first token) of the position-th window of this epoch's sequence."""
+        if self._cached_epoch != self.epoch:
+            self._shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+            self._ends = np.cumsum(self.windows[self._shard_order])
+            self._cached_epoch, self._cached_shard = self.epoch, None
+        j = int(np.searchsorted(self._ends, position, side='right'))
+        shard = int(self._shard_order[j])
+        if self._cached_shard != shard:  # positions come in order: one shard's permutation at a time
+            self._window_order = np.random.default_rng([self.seed, self.epoch, shard]).permutation(self.windows[shard])
+            self._cached_shard = shard
+        return shard, int(self._window_order[position - (self._ends[j] - self.windows[shard])]) * self.block_size
+
+    def next_batch(self):
+        import torch  # here, so that building shards (and its worker processes) never loads torch
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        first = self.step * self.batch_size * self.world_size
+        rows = []
+        for b in range(self.batch_size):
+            shard, start = self._window(first + b * self.world_size + self.rank)
+            rows.append(self.shards[shard][start:start + self.block_size + 1])
+        self.step += 1
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
+                    block_size=self.block_size, batch_size=self.batch_size, windows=self.windows.tolist())
+
+    def load_state_dict(self, state):
+        for key in ('seed', 'world_size', 'block_size', 'batch_size', 'windows'):
+            if state[key] != self.state_dict()[key]:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {self.state_dict()[key]!r}; "
+                                 f"cannot resume exactly")
+        self.epoch, self.step = state['epoch'], state['step']
+
+
+# ----------------------------------------------------------------------------- chat format for SFT
+
+CHAT_ROLES = ('system', 'user', 'assistant')
+
+
+def encode_chat(tokenizer, messages, block_size=None, add_generation_prompt=False):
+    """Token ids and loss mask (1 = trained on) of a conversation in Moxin's (Tulu's) template:
+
+        <|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n...</s>\\n
+
+    Tags are plain text; </s> is the EOS token, and BOS starts the conversation as it starts
+    a pre-training document. The text between two EOS tokens is encoded in one piece, as a
+    tokenizer sees a whole string, and the mask marks the tokens past the prefix that ends
+    with "<|assistant|>\\n": the assistant's reply and its EOS. add_generation_prompt ends the
+    ids with "<|assistant|>\\n", tokenized as in training, for the model to write the reply.
+    """
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    mask, text = [0] * len(ids), ''
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get('role') not in CHAT_ROLES or not isinstance(message.get('content'), str):
+            raise ValueError(f"message {n}: expected {{'role': one of {', '.join(CHAT_ROLES)}, 'content': str}}, got {message!r}")
+        text += f"<|{message['role']}|>\n"
+        if message['role'] != 'assistant':
+            text += message['content'] + '\n'
+            continue
+        prompt, reply = tokenizer.encode(text), tokenizer.encode(text + message['content'])
+        if reply[:len(prompt)] != prompt:
+            raise ValueError(f"message {n}: tokenizer {tokenizer.spec} merges tokens across the '<|assistant|>\\n' tag")
+        ids += reply + [tokenizer.eos_id]
+        mask += [0] * len(prompt) + [1] * (len(reply) - len(prompt) + 1)
+        text = '\n'
+    if add_generation_prompt:
+        text += '<|assistant|>\n'
+    if text:  # the newline after the last EOS, or a prompt the model has not answered yet
+        tail = tokenizer.encode(text)
+        ids, mask = ids + tail, mask + [0] * len(tail)
+    return ids[:block_size], mask[:block_size]
+
+
+# ----------------------------------------------------------------------------- command line
+
+if __name__ == '__main__':
+    from configurator import configure
+    config = dict(DEFAULTS)
+    configure(config, list(config))
+    try:
+        build(config)
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -3,6 +3,7 @@ Generate text from a checkpoint of this project or an HF Mistral/Llama directory
 
     python sample.py --ckpt out/final.pt --prompt "def fibonacci(n):"
     python sample.py --ckpt path/to/hf_model --prompt FILE:prompt.txt --temperature=0
+    python sample.py --ckpt out/sft/final.pt --chat            # multi-turn chat in the terminal
 
 Tokens stream to stdout as they are produced; generation stops at EOS. Prompts
 longer than the sliding window are fine: the rolling KV cache prefills them in
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from data import Tokenizer
+from data import Tokenizer, encode_chat
 from model import ModelLoadError, generate, load_model
 
 # ---------------------------------------------------------------- settings
@@ -27,6 +28,8 @@ seed = 1337
 num_samples = 1
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # float32 on CPU (no fast bf16 there), bfloat16 on CUDA
+chat = False  # Moxin's chat template; one turn with --prompt, else an interactive conversation
+system = ""  # chat: an optional system message
 # ----------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 from configurator import configure  # noqa: E402
@@ -87,12 +90,35 @@ def complete(ids):
         fail(str(e))
 
 
-ids = tokenizer.encode(prompt, add_special_tokens=True)
-if not ids:  # a tokenizer that adds no BOS, with an empty prompt: start from its end-of-text token
-    ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
-for i in range(num_samples):
-    t0 = time.time()
-    print(prompt, end="", flush=True)
-    new = complete(ids)
-    dt = time.time() - t0
-    print(f"---------- {len(new)} tokens in {dt:.1f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+def chat_loop():
+    """Each turn re-encodes the whole conversation in the template sft.py trains on."""
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        if prompt:
+            user = prompt
+        else:
+            try:
+                user = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+        messages.append({"role": "user", "content": user})
+        ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        reply = complete(ids)
+        messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+        if prompt:
+            return
+
+
+if chat:
+    chat_loop()
+else:
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if not ids:  # a tokenizer that adds no BOS, with an empty prompt: start from its end-of-text token
+        ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    for _ in range(num_samples):
+        t0 = time.time()
+        print(prompt, end="", flush=True)
+        new = complete(ids)
+        dt = time.time() - t0
+        print(f"---------- {len(new)} tokens in {dt:.1f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)

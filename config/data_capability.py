@@ -1,0 +1,14 @@
+# Moxin-7B phase 3 ("capability enhancement"): the training splits of the benchmarks eval.py
+# scores, rendered in exactly eval.py's prompt format, one solved question per document.
+#   python data.py config/data_capability.py
+# reads the HF hub; offline, add data_dir='DIR' to the source to read DIR/<task>/<split>.jsonl
+# files in the HF schema, the same layout as `eval.py --data_dir`.
+out_dir = 'data/capability'
+sources = [
+    # 'name:split' picks a split; a bare name reads the task's training split (MMLU's is 'dev')
+    dict(name='benchmarks', kind='capability', weight=1,
+         tasks=['arc_easy', 'arc_challenge', 'hellaswag', 'piqa', 'winogrande', 'mmlu']),
+]
+min_chars = 0               # a benchmark question is short by nature; the 200-character rule is for web text
+val_tokens = 2**16
+shard_tokens = 2**24
