@@ -19,6 +19,7 @@ import os
 import pathlib
 import re
 import string
+import shutil
 import sys
 import sysconfig
 import time
@@ -39,8 +40,8 @@ class Tokenizer:
     only from add_special_tokens=True or from code that appends .eos_id itself.
     """
 
-    def __init__(self, spec, kind, impl, vocab_size, bos_id, eos_id):
-        self.spec, self.kind, self.impl = spec, kind, impl
+    def __init__(self, spec, kind, impl, vocab_size, bos_id, eos_id, path=None):
+        self.spec, self.kind, self.impl, self.path = spec, kind, impl, path
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
 
     @classmethod
@@ -72,7 +73,7 @@ class Tokenizer:
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{path} is not a SentencePiece model: {str(e).splitlines()[0]}") from None
         none_if_negative = lambda i: i if i >= 0 else None
-        return cls(spec, 'sentencepiece', sp, sp.vocab_size(), none_if_negative(sp.bos_id()), none_if_negative(sp.eos_id()))
+        return cls(spec, 'sentencepiece', sp, sp.vocab_size(), none_if_negative(sp.bos_id()), none_if_negative(sp.eos_id()), path)
 
     @classmethod
     def _tiktoken(cls, spec, name):
@@ -106,7 +107,7 @@ class Tokenizer:
             return ids[0] if ids else None
         bos = special('bos_token', ['<s>', '<|begin_of_text|>', '<|startoftext|>'])
         eos = special('eos_token', ['</s>', '<|end_of_text|>', '<|endoftext|>', '<|eot_id|>'])
-        return cls(spec, 'hf', tok, tok.get_vocab_size(with_added_tokens=True), bos, eos)
+        return cls(spec, 'hf', tok, tok.get_vocab_size(with_added_tokens=True), bos, eos, path)
 
     def encode(self, text, add_special_tokens=False):
         if self.kind == 'sentencepiece':  # SentencePiece itself adds nothing; Mistral's convention is BOS only
@@ -124,6 +125,24 @@ class Tokenizer:
         if self.kind == 'hf':
             return self.impl.decode(ids, skip_special_tokens=True)
         return self.impl.decode(ids)
+
+    def save_hf(self, out_dir):
+        """Write this tokenizer's files into an HF model directory (model.export_hf writes the weights)."""
+        if self.kind == 'tiktoken':
+            raise ValueError(f"tokenizer {self.spec}: a tiktoken encoding has no HF tokenizer file to export")
+        os.makedirs(out_dir, exist_ok=True)
+        if self.kind == 'hf':
+            shutil.copy(self.path, os.path.join(out_dir, 'tokenizer.json'))
+            config = os.path.join(os.path.dirname(self.path), 'tokenizer_config.json')
+            if os.path.isfile(config):
+                shutil.copy(config, os.path.join(out_dir, 'tokenizer_config.json'))
+            return
+        shutil.copy(self.path, os.path.join(out_dir, 'tokenizer.model'))
+        # transformers reads a SentencePiece model through LlamaTokenizer, which adds BOS as Mistral's does
+        config = dict(tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False, legacy=True,
+                      bos_token='<s>', eos_token='</s>', unk_token='<unk>')
+        with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
 
     def __repr__(self):
         return f"Tokenizer({self.spec!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"

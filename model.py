@@ -191,12 +191,13 @@ class KVCache:
         self.v[layer].index_copy_(2, slots, v[:, :, T - keep:])
         return k_all, v_all
 
-    def expand(self, batch_size):
-        """Copy a batch-1 cache into `batch_size` rows (several continuations of one prefix)."""
+    def select(self, rows):
+        """A new cache whose row i is a copy of row rows[i]: one prefix, several continuations."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.k[0].device)
         new = object.__new__(KVCache)
         new.__dict__.update(self.__dict__)
-        new.k = [t.expand(batch_size, -1, -1, -1).clone() for t in self.k]
-        new.v = [t.expand(batch_size, -1, -1, -1).clone() for t in self.v]
+        new.k = [t.index_select(0, index) for t in self.k]
+        new.v = [t.index_select(0, index) for t in self.v]
         return new
 
     def nbytes(self):
@@ -265,7 +266,8 @@ class Transformer(nn.Module):
         logits = self.logits(self.hidden(idx, cache))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # reshape: targets are often a shifted (non-contiguous) view of the batch
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
 
@@ -481,12 +483,11 @@ def save_checkpoint(path, model, tokenizer_spec, state_dict=None, **extra):
     os.replace(tmp, path)
 
 
-def export_hf(model, out_dir, tokenizer_files=(), state_dict=None, dtype=torch.bfloat16, max_shard_bytes=5 << 30):
+def export_hf(model, out_dir, state_dict=None, dtype=torch.bfloat16, max_shard_bytes=5 << 30,
+              bos_id=1, eos_id=2):
     """Write an HF MistralForCausalLM directory (config.json + safetensors [+ index])
-    that transformers.AutoModelForCausalLM.from_pretrained loads. tokenizer_files are
-    copied in beside it (data.Tokenizer.hf_files() lists them)."""
-    import shutil
-
+    that transformers.AutoModelForCausalLM.from_pretrained loads with the same logits.
+    The tokenizer's files come from data.Tokenizer.save_hf."""
     from safetensors.torch import save_file
 
     a = model.args
@@ -531,11 +532,9 @@ def export_hf(model, out_dir, tokenizer_files=(), state_dict=None, dtype=torch.b
         "max_position_embeddings": a.max_seq_len,
         "tie_word_embeddings": a.tie_embeddings,
         "hidden_act": "silu",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    for file in tokenizer_files:
-        shutil.copy(file, os.path.join(out_dir, os.path.basename(file)))

@@ -20,6 +20,7 @@ What ends up in out_dir:
 Run it again with the same out_dir and it resumes from the newest complete checkpoint.
 sft.py imports the machinery below (setup_distributed .. save_final) instead of copying it.
 """
+import glob
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
@@ -39,24 +41,27 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-from model import ModelArgs, ModelLoadError, Transformer, export_hf, load_model, model_args, save_checkpoint
+from data import PackedLoader, Tokenizer
+from model import ModelArgs, ModelLoadError, Transformer, load_model, model_args, save_checkpoint
+from model import export_hf as write_hf_dir  # `export_hf` is also the name of a setting below
 
-# ----------------------------------------------------------------------------- defaults (= the demo)
+# ----------------------------------------------------------------------------- defaults (= config/demo.py)
 # data and model
-data_dir = 'data/demo'        # token shards written by `python data.py`
+data_dir = 'data/pydoc'       # token shards written by `python data.py` (its default out_dir)
 preset = 'demo'               # model.PRESETS name, used when starting from scratch
 model_overrides = {}          # ModelArgs fields to change in the preset, e.g. {'n_layers': 2}
 init_from = ''                # '' = random init; or a .pt checkpoint / HF model dir to continue from
 # batch: one optimizer step sees batch_size * grad_accum * world_size sequences of block_size tokens
 block_size = 256
 batch_size = 8                # sequences per micro-batch per rank
-grad_accum = 2                # micro-batches per optimizer step
+grad_accum = 1                # micro-batches per optimizer step
 # optimizer and schedule
 lr = 2e-3                     # peak learning rate
 min_lr_ratio = 0.1            # cosine ends at min_lr_ratio * lr
-warmup_steps = 30
-max_steps = 500
+warmup_steps = 20
+max_steps = 200
 weight_decay = 0.1            # matrices only
 betas = (0.9, 0.95)
 eps = 1e-8
@@ -68,14 +73,18 @@ activation_checkpointing = False  # recompute each block's activations in backwa
 # output
 out_dir = 'out'
 resume = 'auto'               # 'auto' = newest complete checkpoint in out_dir, if any; or a checkpoint dir
-ckpt_interval = 250           # steps between resumable checkpoints
+ckpt_interval = 100           # steps between resumable checkpoints
 keep_last = 2                 # resumable checkpoints kept on disk
 log_interval = 10
-eval_interval = 100           # steps between validation losses (0 = only at the end)
-eval_batches = 8              # micro-batches per validation loss
+eval_interval = 50            # steps between validation losses (0 = only at the end)
+eval_batches = 4              # micro-batches per validation loss
 export_hf = False             # also write {out_dir}/hf, an HF MistralForCausalLM directory
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None), list, tuple, dict))]
+
+
+# DCP warns on every single-process save/load that no process group exists; that is intended here
+warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
 
 class UsageError(ValueError):
@@ -145,6 +154,24 @@ def build_model(args, device, seed, init_state=None, compile=False, activation_c
     return model
 
 
+def read_init_weights(path, rank, world_size):
+    """Read a .pt checkpoint or HF model dir to start from (model.load_model) on rank 0 only.
+    -> (ModelArgs, full state dict on rank 0 and {} elsewhere), ready for build_model.
+    Bad input raises UsageError on every rank, so no rank is left waiting for the others."""
+    payload, state = [None], {}
+    if rank == 0:
+        try:
+            source, _ = load_model(path)
+            payload, state = [asdict(source.args)], source.state_dict()
+        except ModelLoadError as e:
+            payload = [str(e)]
+    if world_size > 1:
+        dist.broadcast_object_list(payload)
+    if isinstance(payload[0], str):
+        raise UsageError(payload[0])
+    return ModelArgs(**payload[0]), state
+
+
 def autocast_context(device):
     """bf16 compute for a plain single-GPU run (FSDP's MixedPrecisionPolicy does it under torchrun)."""
     if device.type == 'cuda' and not dist.is_initialized():
@@ -180,6 +207,7 @@ def train_step(model, optimizer, next_batch, grad_accum, lr, grad_clip, device):
     loss_sum = torch.zeros((), device=device)
     for _ in range(grad_accum):
         x, y = next_batch()
+        # y is a strided view of the loader's window buffer and model.forward .view()s it (see report)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_context(device):
             _, loss = model(x, targets=y)
@@ -236,14 +264,15 @@ GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12}
 
 
 def peak_flops(device):
-    """Peak FLOP/s of one rank: the datasheet for known GPUs, else a float32 matmul measured now."""
+    """Peak FLOP/s of one rank: the datasheet for known GPUs, else a big matmul measured now
+    (float32 on CPU, which is what CPU runs compute in)."""
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_FLOPS.items():
             if key in name:
                 return value
-    n = 2048 if device.type == 'cpu' else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    n, dtype = (2048, torch.float32) if device.type == 'cpu' else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float('inf')
     for _ in range(5):
         if device.type == 'cuda':
@@ -303,8 +332,7 @@ def load_train_state(path, model, optimizer):
         raise UsageError(f"{path} was written by {meta['world_size']} ranks, this run has {world_size}: "
                          f"resume with the same number of processes (the data position is per rank)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {'model': model_sd, 'optim': optim_sd, f'rank{rank}': _rank_state({})}
-    state[f'rank{rank}']['user'] = ''
+    state = {'model': model_sd, 'optim': optim_sd, f'rank{rank}': _rank_state({})}  # templates, loaded in place
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
     mine = state[f'rank{rank}']
@@ -327,15 +355,16 @@ def _write_json_atomic(path, obj):
     os.replace(path + '.tmp', path)
 
 
-def save_final(model, path, tokenizer_spec, hf_dir=None, tokenizer_files=(), **extra):
+def save_final(model, path, tokenizer, hf_dir=None, **extra):
     """Gather the full weights onto rank 0 (CPU) and write one model.save_checkpoint file
     (plus an HF directory when hf_dir is given). Every rank must call this."""
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    save_checkpoint(path, model, tokenizer_spec, state_dict=state_dict, **extra)
+    save_checkpoint(path, model, tokenizer.spec, state_dict=state_dict, **extra)
     if hf_dir:
-        export_hf(model, hf_dir, tokenizer_files=tokenizer_files, state_dict=state_dict)
+        write_hf_dir(model, hf_dir, state_dict=state_dict, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        tokenizer.save_hf(hf_dir)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -347,7 +376,7 @@ def main():
     rank, world_size, device = setup_distributed()
     try:
         train(config, rank, world_size, device)
-    except (UsageError, ModelLoadError) as e:
+    except UsageError as e:
         if rank == 0:
             print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
@@ -357,7 +386,155 @@ def main():
 
 
 def train(config, rank, world_size, device):
-    raise NotImplementedError
+    master = rank == 0
+    t_start = time.time()
+    ckpt_root = os.path.join(out_dir, 'checkpoints')
+
+    # ---- inputs: check everything cheap before building anything
+    if not (os.path.exists(os.path.join(data_dir, 'meta.json')) and glob.glob(os.path.join(data_dir, 'train_*.bin'))):
+        raise UsageError(f"no token shards in {data_dir}: run `python data.py` first "
+                         f"(or set data_dir to the out_dir of a finished data.py run)")
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        data_meta = json.load(f)
+    tokenizer = Tokenizer.load(data_meta['tokenizer'])
+    if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
+        raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
+    if init_from and not os.path.exists(init_from):
+        raise UsageError(f"init_from={init_from}: no such file or directory")
+    if resume == 'auto':
+        resume_path = latest_checkpoint(ckpt_root)
+    elif os.path.exists(os.path.join(resume, 'meta.json')):
+        resume_path = resume
+    else:
+        raise UsageError(f"resume={resume}: not a complete checkpoint directory (use 'auto' or a checkpoints/step_* dir)")
+
+    # ---- the model's shape and starting weights: own checkpoint (resume) > init_from > random
+    init_state = None
+    if resume_path:
+        with open(os.path.join(resume_path, 'meta.json')) as f:
+            args = ModelArgs(**json.load(f)['model_args'])
+    elif init_from:
+        args, init_state = read_init_weights(init_from, rank, world_size)
+    else:
+        try:
+            args = model_args(preset, **model_overrides)
+        except (TypeError, ValueError) as e:  # unknown preset or ModelArgs field
+            raise UsageError(f"preset={preset!r} model_overrides={model_overrides}: {e}") from None
+    if block_size > args.max_seq_len:
+        raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
+    if data_meta['vocab_size'] > args.vocab_size:
+        raise UsageError(f"the shards' tokenizer has {data_meta['vocab_size']} tokens, the model only {args.vocab_size}")
+
+    model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
+    del init_state
+    optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
+    try:
+        train_loader = PackedLoader(data_dir, 'train', block_size, batch_size, rank, world_size, seed)
+    except ValueError as e:  # e.g. too little data for one batch
+        raise UsageError(str(e)) from None
+    step, tokens = 0, 0
+    if resume_path:
+        meta, rank_state = load_train_state(resume_path, model, optimizer)
+        try:
+            train_loader.load_state_dict(rank_state['loader'])
+        except ValueError as e:  # batch_size or block_size changed since the checkpoint
+            raise UsageError(f"{resume_path}: {e}") from None
+        step, tokens = meta['step'], meta['tokens']
+
+    tokens_per_step = batch_size * grad_accum * world_size * block_size
+    flops = flops_per_token(args, block_size)
+    peak = peak_flops(device) * world_size
+    has_val = bool(glob.glob(os.path.join(data_dir, 'val_*.bin')))
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
+        origin = f"resumed from {resume_path}" if resume_path else f"init from {init_from}" if init_from else "random init"
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {origin}, "
+              f"{world_size} x {device.type}{' (FSDP2)' if dist.is_initialized() else ''}")
+        print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
+              f"{batch_size * grad_accum * world_size} sequences x {block_size} = {tokens_per_step:,} tokens/step; "
+              f"{max_steps} steps = {max_steps * tokens_per_step:,} tokens")
+        print(f"peak: {peak / 1e12:.2f} TFLOP/s over {world_size} rank(s) "
+              f"({'datasheet' if device.type == 'cuda' else 'measured float32 matmul'})")
+
+    def log(record, line):
+        """One record to log.jsonl and one line to the terminal (rank 0 only)."""
+        if master:
+            log_file.write(json.dumps(record) + '\n')
+            log_file.flush()
+            tqdm.write(line)
+
+    def checkpoint_now():
+        meta = {'model_args': asdict(args), 'tokenizer': data_meta['tokenizer'], 'world_size': world_size,
+                'tokens': tokens, 'config': config}
+        save_train_state(ckpt_root, step, model, optimizer, meta, {'loader': train_loader.state_dict()}, keep_last)
+
+    def validate():
+        if has_val and eval_batches > 0:
+            val_loader = PackedLoader(data_dir, 'val', block_size, batch_size, rank, world_size, seed)
+            val_loss = evaluate(model, val_loader, eval_batches, device)
+            log({'step': step, 'val_loss': val_loss}, f"step {step}: val loss {val_loss:.4f}")
+
+    # SIGINT (Ctrl-C) / SIGTERM (scheduler preemption): finish the step, checkpoint, exit
+    received = []
+    def on_signal(signum, frame):
+        received.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc='pretrain')
+    saved_step, busy_time, busy_steps = step, 0.0, 0
+    while step < max_steps:
+        if eval_interval and step % eval_interval == 0:
+            validate()
+        t0 = time.perf_counter()
+        step_lr = lr_at(step, lr, warmup_steps, max_steps, min_lr_ratio)
+        loss, grad_norm = train_step(model, optimizer, train_loader.next_batch, grad_accum, step_lr, grad_clip, device)
+        busy_time += time.perf_counter() - t0
+        busy_steps += 1
+        step += 1
+        tokens += tokens_per_step
+        pbar.update()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if master:
+                pbar.close()
+                print(f"error: step {step}: loss {loss}, grad norm {grad_norm}: training diverged, stopping without "
+                      f"saving; the newest good checkpoint is {latest_checkpoint(ckpt_root)} "
+                      f"(lower lr or raise warmup_steps, then resume from it)", file=sys.stderr)
+            sys.exit(1)
+        if step % log_interval == 0 or step == max_steps:
+            tokens_per_s = busy_steps * tokens_per_step / busy_time
+            mfu = flops * tokens_per_s / peak
+            log({'step': step, 'loss': loss, 'lr': step_lr, 'grad_norm': grad_norm, 'tokens': tokens,
+                 'tokens_per_s': tokens_per_s, 'mfu': mfu, 'time': time.time() - t_start},
+                f"step {step}: loss {loss:.4f} | lr {step_lr:.2e} | grad norm {grad_norm:.3f} | "
+                f"{tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%")
+            busy_time, busy_steps = 0.0, 0
+        stop = torch.tensor(received[:1] or [0], device=device)
+        if world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # one rank signalled: all stop at the same step
+        if stop.item():
+            checkpoint_now()
+            if master:
+                pbar.close()
+                print(f"stopped by signal {stop.item()} at step {step}; checkpoint saved, "
+                      f"run the same command again to resume")
+            sys.exit(128 + stop.item())
+        if step % ckpt_interval == 0:
+            checkpoint_now()
+            saved_step = step
+    pbar.close()
+
+    validate()
+    if saved_step != step:
+        checkpoint_now()
+    hf_dir = os.path.join(out_dir, 'hf') if export_hf else None
+    save_final(model, os.path.join(out_dir, 'final.pt'), tokenizer, hf_dir,
+               step=step, tokens=tokens, config=config)
+    if master:
+        print(f"done: {step} steps, {tokens:,} tokens in {time.time() - t_start:.0f}s; wrote {out_dir}/final.pt"
+              f"{' and ' + hf_dir if hf_dir else ''}. Try: python sample.py --ckpt {out_dir}/final.pt")
 
 
 if __name__ == '__main__':

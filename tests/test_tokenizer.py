@@ -37,11 +37,12 @@ def test_mistral_matches_mistral_common(mistral):
 def test_mistral_matches_transformers(tmp_path, mistral):
     pytest.importorskip('google.protobuf')  # transformers needs it to read a SentencePiece model
     from transformers import AutoTokenizer
-    shutil.copy(MISTRAL_MODEL, tmp_path / 'tokenizer.model')
+    mistral.save_hf(str(tmp_path))  # what an exported model directory ships
+    assert (tmp_path / 'tokenizer.model').read_bytes() == open(MISTRAL_MODEL, 'rb').read()
     # the tokenizer_config.json of the mistralai/Mistral-7B-v0.1 repo, trimmed
-    (tmp_path / 'tokenizer_config.json').write_text(json.dumps(dict(
+    assert json.loads((tmp_path / 'tokenizer_config.json').read_text()) == dict(
         tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False, legacy=True,
-        bos_token='<s>', eos_token='</s>', unk_token='<unk>')))
+        bos_token='<s>', eos_token='</s>', unk_token='<unk>')
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     for text in PROSE:
         assert mistral.encode(text) == hf.encode(text, add_special_tokens=False), text

@@ -1,0 +1,35 @@
+# Moxin-7B pre-training, phase 1: from scratch at 2k context on the main mixture.
+#   python data.py config/data_moxin.py           # SlimPajama-627B + DCLM-baseline-1.0 + the-stack-dedup
+#   torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \
+#       --rdzv_id=moxin pretrain.py config/moxin7b_phase1.py
+# Sources: [cfg] = HF config of moxin-llm-7b, [script] = Moxin's released train/pretrain.py and
+# its README commands (github.com/moxin-org/Moxin-LLM), [paper] = the technical report
+# (arXiv 2412.06845); [assumption] = ours, where none of them says.
+preset = 'moxin-7b'            # [cfg] 36 layers, dim 4096, 32/8 heads, SwiGLU 14336, window 4096: 8.1B params
+data_dir = 'data/moxin'
+out_dir = 'out/moxin7b_phase1'
+block_size = 2048              # [paper] phase 1 is 2k context ([script] --max_length 2048); 2048 <= window: plain causal
+# global batch = 4 x 2 x 64 GPUs = 512 sequences = 1,048,576 tokens per step. [script] the multi-node
+# command runs 8 nodes x 8 GPUs x batch 1 x accumulation 8 (its default) = 512 sequences of 2048.
+# On N GPUs keep 512 sequences: grad_accum = 512 // (4 * N).
+batch_size = 4                 # [assumption] per GPU; fits an 80 GB GPU with activation checkpointing
+grad_accum = 2
+lr = 3e-4                      # [script] default --lr. The paper's "2e-6" matches no released script and
+                               # is ~100x below what trains a 7B model from scratch; the README's 1e-5/2e-5
+                               # are for continuing an already-trained model (--expanded_model), see phases 2-3.
+min_lr_ratio = 0.1             # [script] CosineAnnealingWarmupLR(eta_min=0.1 * lr)
+warmup_steps = 2000            # [script] default --warmup_steps
+weight_decay = 0.1             # [script] default; we decay matrices only ([script] decays every parameter)
+betas = (0.9, 0.95)            # [script] HybridAdam(betas=(0.9, 0.95))
+eps = 1e-8                     # [assumption] AdamW's default; the script does not set it
+grad_clip = 1.0                # [script] default --grad_clip
+# token budget: [paper] >2T tokens over all phases, ~1.4T from SlimPajama + DCLM plus the stack.
+# [assumption] nearly all of it here, at 2k context where it is cheapest: 1.9T tokens.
+max_steps = 1_812_000          # 1.9e12 / 1,048,576 tokens per step
+compile = True                 # [assumption] speed; bf16 compute + fp32 reduce comes with FSDP2 on CUDA
+activation_checkpointing = True  # [script] -g/--grad_checkpoint; needed for 4 x 2048 tokens per GPU
+ckpt_interval = 1000           # [assumption] ~40 min of 64 H100s at 40% MFU
+keep_last = 3
+log_interval = 10
+eval_interval = 1000
+eval_batches = 20

@@ -1,0 +1,249 @@
+"""eval.py: per-item log-likelihoods and answers equal lm-evaluation-harness's (HFLM on the
+same random-weight HF Mistral and the same small task files), prompts equal hand-written
+strings, the KV-cache sharing equals plain forward passes, and bad input fails in one line."""
+import importlib.resources
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as ev
+from data import Tokenizer
+from model import Transformer, load_model, model_args
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "fixtures" / "eval"
+SPM = str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1")
+SHOTS = {"arc_easy": 3, "arc_challenge": 2, "hellaswag": 2, "piqa": 3, "winogrande": 3, "mmlu": 5}
+CASES = [(task, k) for task in SHOTS for k in (0, SHOTS[task])]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """Random-weight Mistral with the real 32k tokenizer, a window of 32 (shorter than most
+    prompts) and a context of 320 (one MMLU 5-shot prompt is longer: left truncation)."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=32,
+                                     max_position_embeddings=320)
+    transformers.MistralForCausalLM(cfg).save_pretrained(path)
+    # a tokenizer.json converted from Mistral's SentencePiece model, adding BOS as Mistral's does
+    spm_dir = tmp_path_factory.mktemp("spm")
+    shutil.copy(SPM, spm_dir / "tokenizer.model")
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    transformers.AutoTokenizer.from_pretrained(spm_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir):
+    model, spec = load_model(str(hf_dir))
+    return model, Tokenizer.load(spec)
+
+
+def harness_task(cfg, splits, k):
+    datasets = pytest.importorskip("datasets")
+    from lm_eval.api.task import ConfigurableTask
+
+    # the task's own YAML config, its documents served from our rows instead of the hub
+    tables = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
+    return ConfigurableTask(config={**cfg, "custom_dataset": lambda **_: tables, "num_fewshot": k})
+
+
+@pytest.fixture(scope="module")
+def harness(hf_dir):
+    """{(task, k): {unit: per document (prompts, log-likelihoods)}} from lm-evaluation-harness."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")  # HFLM needs it
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    yaml_dir = Path(lm_eval.__file__).parent / "tasks"
+    yamls = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+             "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml"}
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=8)
+    out = {}
+    for shots in ({task: 0 for task in SHOTS}, SHOTS):
+        tasks = {}
+        for task, k in shots.items():
+            splits = {f.stem: [json.loads(line) for line in f.open()] for f in (DATA / task).glob("*.jsonl")}
+            if task != "mmlu":
+                tasks[task] = harness_task(load_yaml(yaml_dir / yamls[task], resolve_func=True), splits, k)
+                continue
+            for subject in dict.fromkeys(row["subject"] for row in splits["test"]):
+                cfg = load_yaml(yaml_dir / f"mmlu/default/mmlu_{subject}.yaml", resolve_func=True)
+                by_subject = {name: [r for r in rows if r["subject"] == subject] for name, rows in splits.items()}
+                tasks[f"mmlu_{subject}"] = harness_task(cfg, by_subject, k)
+        result = evaluator.simple_evaluate(model=lm, tasks=list(tasks.values()), log_samples=True,
+                                           task_manager=TaskManager(include_defaults=False))
+        for name, samples in result["samples"].items():
+            task = "mmlu" if name.startswith("mmlu_") else name
+            docs = sorted(samples, key=lambda s: s["doc_id"])
+            out.setdefault((task, shots[task]), {})[name.removeprefix("mmlu_")] = [
+                ([tuple(a) for a in s["arguments"]], [r[0] for r in s["filtered_resps"]]) for s in docs]
+    return out
+
+
+@pytest.mark.parametrize("task, k", CASES)
+def test_loglikelihoods_and_answers_match_harness(ours, harness, task, k):
+    model, tokenizer = ours
+    result = ev.evaluate(model, tokenizer, task, k, data_dir=str(DATA), batch_size=4, progress=False)
+    expected = [lls for unit in harness[task, k].values() for _, lls in unit]
+    docs = [doc for _, unit in ev.load_units(ev.TASKS[task], k, str(DATA), None) for doc in unit]
+    assert len(result["items"]) == len(expected) == len(docs)
+    for ours_item, lls, (_, item, _) in zip(result["items"], expected, docs):
+        assert len(ours_item["lls"]) == len(lls)
+        assert max(abs(a - b) for a, b in zip(ours_item["lls"], lls)) < 1e-4
+        # the same answer, so acc and acc_norm are equal
+        assert ours_item["pred"] == ev.argmax(lls)
+        assert ours_item["pred_norm"] == ev.argmax([ll / len(c) for ll, c in zip(lls, item.choices)])
+
+
+@pytest.mark.parametrize("task, k", CASES)
+def test_prompts_match_harness(harness, task, k):
+    """Shots drawn with the harness's seed and sampler, prompt text to the character."""
+    for unit, docs in ev.load_units(ev.TASKS[task], k, str(DATA), None):
+        ours = [ev.prompt_pairs(ev.TASKS[task], *doc) for doc in docs]
+        assert ours == [args for args, _ in harness[task, k][unit]]
+
+
+def prompts(task, k=0, index=0):
+    units = ev.load_units(ev.TASKS[task], k, str(DATA), None)
+    return ev.prompt_pairs(ev.TASKS[task], *units[0][1][index])
+
+
+def test_known_prompts():
+    assert prompts("hellaswag", index=2) == [
+        ("Home and Garden: How to grow tomatoes in pots. Choose a large container. Tomato plants need room for "
+         "their roots. Pick a pot that",
+         " holds at least five gallons of soil. Plastic pots keep the soil moist longer."),
+        ("Home and Garden: How to grow tomatoes in pots. Choose a large container. Tomato plants need room for "
+         "their roots. Pick a pot that", " is painted bright red."),
+        ("Home and Garden: How to grow tomatoes in pots. Choose a large container. Tomato plants need room for "
+         "their roots. Pick a pot that", " has no holes at all. Fill it with sand."),
+        ("Home and Garden: How to grow tomatoes in pots. Choose a large container. Tomato plants need room for "
+         "their roots. Pick a pot that", " fits in your freezer.")]
+    # "[title]" at the very start has no space before it: the tag is dropped, its space stays
+    context, continuation = prompts("hellaswag", index=3)[0]
+    assert context == "Personal Care and Style:. How to braid your hair Brush your hair until it is smooth."
+    assert continuation == "  Divide it into three equal sections."
+    assert prompts("winogrande") == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the harder cases.")]
+    assert prompts("arc_easy", index=1) == [
+        ("Question: A student puts a metal spoon into hot soup. Soon the handle of the spoon feels hot. "
+         "How did the heat move?\nAnswer:", " " + c) for c in ("by conduction", "by convection", "by radiation")]
+    assert prompts("piqa", index=2)[1] == (
+        "Question: To make a hard boiled egg easy to peel,\nAnswer:", " put it in the microwave right after boiling.")
+    assert prompts("mmlu", k=2, index=2)[3] == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n"
+        "Statement 1 | If aH is an element of a factor group, then |aH| divides |a|. Statement 2 | If H and K "
+        "are subgroups of G then HK is a subgroup of G.\nA. True, True\nB. False, False\nC. True, False\n"
+        "D. False, True\nAnswer: B\n\n"
+        "What is the order of the element 3 in Z_7 under addition?\nA. 1\nB. 3\nC. 6\nD. 7\nAnswer:", " D")
+
+
+def test_render_examples():
+    rows = [json.loads(line) for line in (DATA / "winogrande" / "train.jsonl").open()][:2]
+    assert ev.render_examples("winogrande", rows) == [
+        "Ian volunteered to eat Dennis's menudo after already having a bowl because Ian enjoyed eating intestine.",
+        "He never comes to my home, but I always go to his house because the home is smaller."]
+    row = {"question": "Water boils at", "subject": "high_school_physics", "choices": ["0 C", "50 C", "100 C", "1 C"],
+           "answer": 2}
+    assert ev.render_examples("mmlu", [row]) == [
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "Water boils at\nA. 0 C\nB. 50 C\nC. 100 C\nD. 1 C\nAnswer: C"]
+    with pytest.raises(ev.EvalError, match="piqa row 0: missing field 'sol2'"):
+        ev.render_examples("piqa", [{"goal": "g", "sol1": "a", "label": 0}])
+
+
+def test_cache_sharing_equals_plain_forward():
+    """Shared prefix, per-question contexts, fanned-out continuations (some sharing their
+    first tokens), batches of equal-length contexts, a window of 8: every log-likelihood
+    equals one plain forward pass over the request's own tokens."""
+    torch.manual_seed(0)
+    model = Transformer(model_args("tiny"))
+    model.init_weights()
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(3, 256, (n,), generator=g).tolist()
+    prefix = rand(20)
+    questions = []
+    for length in (5, 9, 5, 5, 12, 9):
+        context, common = prefix + rand(length), rand(2)
+        questions.append([(context + common + tail[:-1], common + tail) for tail in (rand(3), rand(1), rand(6))])
+    questions.append([(prefix[:10] + rand(4), rand(2))])  # a question that shares only part of the prefix
+    for batch_size in (1, 3, 16):
+        bar = ev.tqdm(disable=True)
+        scores = ev.score_unit(model, questions, batch_size, bar)
+        for q, lls in zip(questions, scores):
+            for (inputs, targets), ll in zip(q, lls):
+                with torch.no_grad():
+                    logits, _ = model(torch.tensor([inputs]))
+                logprobs = logits[0, -len(targets):].log_softmax(-1)
+                expected = logprobs.gather(1, torch.tensor(targets)[:, None]).sum().item()
+                assert abs(ll - expected) < 1e-4
+
+
+def test_command_line_writes_table_and_json(hf_dir, tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(hf_dir), "--tasks", "piqa,mmlu",
+                             "--num_fewshot", "1", "--limit", "2", "--data_dir", str(DATA), "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "piqa" in result.stdout and "acc_norm" in result.stdout
+    results = json.loads(out.read_text())["results"]
+    assert results["piqa"]["n"] == 2 and results["piqa"]["num_fewshot"] == 1
+    assert results["mmlu"]["n"] == 6 and set(results["mmlu"]["subjects"]) == {
+        "abstract_algebra", "college_biology", "high_school_us_history"}
+
+
+def write_task(root, task, split, rows):
+    (root / task).mkdir(parents=True, exist_ok=True)
+    (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "arc_easy,squad"], "unknown task 'squad' (known: arc_easy, arc_challenge, hellaswag, piqa, "
+                                    "winogrande, mmlu)"),
+    (["--tasks", "piqa", "--suite", "moxin_zeroshot"], "give either --tasks or --suite"),
+    (["--tasks", "hellaswag", "--num_fewshot", "4"], "hellaswag: 4 shots need 5 rows (one more than k: the question "
+                                                     "itself is skipped), but its train split has 4"),
+    (["--tasks", "mmlu", "--num_fewshot", "6"], "mmlu: 6 shots need 6 rows, but subject abstract_algebra of its "
+                                                "dev split has 5"),
+])
+def test_bad_arguments(hf_dir, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--ckpt", str(hf_dir), "--data_dir", str(DATA), *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_bad_data_dir(hf_dir, tmp_path, capsys):
+    def fails(data_dir, task, message):
+        with pytest.raises(SystemExit):
+            ev.main(["--ckpt", str(hf_dir), "--tasks", task, "--data_dir", str(data_dir)])
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+    fails(tmp_path, "arc_easy", f"{tmp_path}/arc_easy/test.jsonl not found: --data_dir needs arc_easy/test.jsonl")
+    rows = [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}, {"goal": "g", "sol1": "a", "label": 1}]
+    write_task(tmp_path, "piqa", "validation", rows)
+    fails(tmp_path, "piqa", f"{tmp_path}/piqa/validation.jsonl line 2: missing field 'sol2'")
+    (tmp_path / "piqa" / "validation.jsonl").write_text('{"goal": "g"\n')
+    fails(tmp_path, "piqa", f"{tmp_path}/piqa/validation.jsonl line 1: not JSON (Expecting ',' delimiter)")
+    write_task(tmp_path, "winogrande", "validation", [{"sentence": "no blank", "option1": "a", "option2": "b",
+                                                       "answer": "1"}])
+    fails(tmp_path, "winogrande", f"{tmp_path}/winogrande/validation.jsonl line 1: cannot render this winogrande "
+                                  "row (ValueError: substring not found)")

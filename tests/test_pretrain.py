@@ -1,0 +1,230 @@
+"""pretrain.py on CPU: a tiny model on synthetic shards, run as real subprocesses
+(single process and torchrun), so signals, kills and resumes are the real thing."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pretrain  # noqa: E402  (importing it runs nothing: the run is under __main__)
+from data import Tokenizer  # noqa: E402
+from model import Transformer, generate, load_model, model_args  # noqa: E402
+
+STEPS = 24
+# global batch 4 x 2 x 1 = 8 sequences; the torchrun test uses 2 x 2 x 2
+TINY = ['--preset=tiny', '--block_size=16', '--batch_size=4', '--grad_accum=2', f'--max_steps={STEPS}',
+        '--warmup_steps=4', '--lr=1e-2', '--log_interval=1', '--eval_interval=10', '--eval_batches=2',
+        '--ckpt_interval=4', '--keep_last=2', '--seed=7']
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+
+
+def write_shards(path, vocab=256, seed=0):
+    """Shards in data.py's format: documents that are arithmetic progressions mod vocab,
+    learnable after two tokens, so the loss visibly falls within a few steps."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (('train', 30_000), ('val', 3_000)):
+        docs, total = [], 0
+        while total < n:
+            doc = (rng.integers(vocab) + rng.integers(1, 9) * np.arange(rng.integers(20, 60))) % vocab
+            docs.append(doc)
+            total += len(doc)
+        np.concatenate(docs).astype(np.uint16).tofile(path / f'{split}_0000.bin')
+    (path / 'meta.json').write_text(json.dumps({'tokenizer': 'mistral', 'vocab_size': vocab, 'dtype': 'uint16'}))
+
+
+def run(args, out_dir, data_dir, nproc=0, env=None, wait=True):
+    cmd = [sys.executable, 'pretrain.py'] if nproc == 0 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'pretrain.py']
+    cmd += [*args, f'--out_dir={out_dir}', f'--data_dir={data_dir}']
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+def losses(out_dir):
+    """{step: loss}; a step logged twice (replayed after a kill) keeps its last value."""
+    records = [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
+    return {r['step']: r['loss'] for r in records if 'loss' in r}
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp('shards')
+    write_shards(path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+    """One uninterrupted single-process run that the other runs are compared against."""
+    out = tmp_path_factory.mktemp('reference')
+    rc, stdout, stderr = run(TINY, out, data_dir)
+    assert rc == 0, stderr
+    return out, losses(out)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_lr_schedule():
+    peak, warmup, total = 3e-4, 100, 1100
+    lr = lambda step: pretrain.lr_at(step, peak, warmup, total, min_lr_ratio=0.1)
+    assert lr(0) == pytest.approx(peak / 100)
+    assert lr(warmup - 1) == pytest.approx(peak)  # warmup ends at the peak
+    assert lr(warmup + 500) == pytest.approx(3e-5 + 0.5 * (3e-4 - 3e-5))  # half-way through the cosine: the midpoint
+    assert lr(warmup + 250) == pytest.approx(3e-5 + (3e-4 - 3e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr(total) == pytest.approx(3e-5)  # 10% of the peak at the end
+    assert all(lr(s) >= lr(s + 1) for s in range(warmup, total))
+
+
+def test_weight_decay_only_on_matrices():
+    model = Transformer(model_args('tiny'))
+    opt = pretrain.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device('cpu'))
+    decayed = {id(p) for g in opt.param_groups if g['weight_decay'] == 0.1 for p in g['params']}
+    plain = {id(p) for g in opt.param_groups if g['weight_decay'] == 0.0 for p in g['params']}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2) and (id(p) in plain) == (p.dim() < 2), name
+    assert opt.defaults['betas'] == (0.9, 0.95) and opt.defaults['eps'] == 1e-8
+    assert len(decayed) + len(plain) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_run_learns_and_writes_final_checkpoint(reference):
+    out, loss = reference
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert loss[STEPS] < 0.85 * loss[1]
+    records = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert {'lr', 'grad_norm', 'tokens_per_s', 'mfu'} <= set(records[1]) and any('val_loss' in r for r in records)
+    ckpt = torch.load(out / 'final.pt', weights_only=True)
+    assert ckpt['step'] == STEPS and ckpt['model_args']['n_layers'] == 2
+    model, tokenizer = load_model(str(out / 'final.pt'))
+    tokens = [int(t) for t in generate(model, [3, 6, 9, 12], max_new_tokens=5)]
+    assert len(tokens) == 5 and all(0 <= t < 256 for t in tokens)
+    # keep_last=2: only the two newest resumable checkpoints stay
+    assert sorted(os.listdir(out / 'checkpoints')) == [f'step_{STEPS - 4:08d}', f'step_{STEPS:08d}']
+
+
+def test_torchrun_two_ranks_matches_single_process(reference, data_dir, tmp_path):
+    out, loss = reference
+    args = [a if not a.startswith('--batch_size') else '--batch_size=2' for a in TINY]
+    rc, stdout, stderr = run(args, tmp_path, data_dir, nproc=2)
+    assert rc == 0, stderr[-3000:]
+    assert 'FSDP2' in stdout and '2 ranks = 8 sequences' in stdout
+    fsdp = losses(tmp_path)
+    for step in range(1, 9):
+        assert abs(fsdp[step] - loss[step]) <= 1e-5 * abs(loss[step]), (step, fsdp[step], loss[step])
+    # the gathered final weights are the same model
+    a = torch.load(out / 'final.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'final.pt', weights_only=True)['model']
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, data_dir, tmp_path):
+    _, loss = reference
+    # SIGTERM: finish the step, write a checkpoint, exit 128 + 15
+    p = run(TINY, tmp_path, data_dir, wait=False)
+    wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(losses(tmp_path), default=0) >= 2, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    stopped_at = max(losses(tmp_path))
+    assert stopped_at < STEPS
+    assert (tmp_path / 'checkpoints' / f'step_{stopped_at:08d}' / 'meta.json').exists()
+    # resume, then SIGKILL a few steps later: no chance to save anything
+    p = run(TINY, tmp_path, data_dir, wait=False)
+    wait_for(lambda: max(losses(tmp_path)) >= stopped_at + 3, p)
+    p.kill()
+    p.communicate()
+    assert not (tmp_path / 'final.pt').exists(), "the run ended before the kill; nothing was tested"
+    # resume=auto again: the losses, replayed steps included, equal the uninterrupted run's bit for bit
+    rc, stdout, stderr = run(TINY, tmp_path, data_dir)
+    assert rc == 0, stderr
+    assert 'resumed from' in stdout
+    assert losses(tmp_path) == loss
+
+
+def test_kill_during_checkpoint_save_resumes_from_previous(reference, data_dir, tmp_path):
+    _, loss = reference
+    # the test hook freezes the save of step 8 after the shards are written, before meta.json
+    p = run(TINY, tmp_path, data_dir, env={'PRETRAIN_TEST_HANG_IN_SAVE': '8'}, wait=False)
+    step8 = tmp_path / 'checkpoints' / 'step_00000008'
+    wait_for(lambda: (step8 / '.metadata').exists(), p)
+    p.kill()
+    p.communicate()
+    assert not (step8 / 'meta.json').exists()
+    assert (tmp_path / 'checkpoints' / 'step_00000004' / 'meta.json').exists()
+    rc, stdout, stderr = run(TINY, tmp_path, data_dir)
+    assert rc == 0, stderr
+    assert 'resumed from' in stdout and 'step_00000004' in stdout
+    assert losses(tmp_path) == loss
+
+
+def test_init_from_checkpoint(reference, data_dir, tmp_path):
+    out, loss = reference
+    args = TINY + [f'--init_from={out / "final.pt"}', '--max_steps=2', '--warmup_steps=1', '--lr=1e-4']
+    rc, stdout, stderr = run(args, tmp_path, data_dir)
+    assert rc == 0, stderr
+    assert 'init from' in stdout
+    assert losses(tmp_path)[1] < 0.9 * loss[1]  # starts where the reference ended, not from scratch
+
+
+def test_export_hf_holds_the_same_weights(reference, data_dir, tmp_path):
+    out, _ = reference
+    args = TINY + [f'--init_from={out / "final.pt"}', '--max_steps=1', '--export_hf=True']
+    rc, stdout, stderr = run(args, tmp_path, data_dir)
+    assert rc == 0, stderr
+    from_pt, _ = load_model(str(tmp_path / 'final.pt'))
+    from_hf, _ = load_model(str(tmp_path / 'hf'))
+    idx = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(from_hf(idx)[0], from_pt(idx)[0], rtol=0.05, atol=0.05)  # bf16 safetensors
+    assert Tokenizer.load(str(tmp_path / 'hf')).encode('def f(x):') == Tokenizer.load('mistral').encode('def f(x):')
+
+
+def test_diverging_loss_stops_with_a_clear_message(data_dir, tmp_path):
+    rc, stdout, stderr = run(TINY + ['--lr=1e9', '--warmup_steps=1', '--ckpt_interval=1'], tmp_path, data_dir)
+    assert rc == 1
+    assert 'training diverged' in stderr and 'newest good checkpoint is' in stderr
+
+
+def test_bad_inputs_fail_with_one_line(data_dir, tmp_path):
+    (tmp_path / 'empty').mkdir()
+    cases = {
+        'init_from=no/such/model.pt': ['--init_from=no/such/model.pt'],
+        "unknown config key '--block_sise'": ['--block_sise=64'],
+        'run `python data.py` first': [f'--data_dir={tmp_path / "empty"}'],
+        "larger than the model's max_seq_len=128": ['--block_size=256'],
+    }
+    procs = {}
+    for expected, extra in cases.items():
+        procs[expected] = subprocess.Popen(  # the later --data_dir wins
+            [sys.executable, 'pretrain.py', *TINY, f'--out_dir={tmp_path / "out"}', f'--data_dir={data_dir}', *extra],
+            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for expected, p in procs.items():
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
+    assert not (tmp_path / 'out' / 'checkpoints').exists()
