@@ -307,11 +307,16 @@ def score_unit(model, questions, batch_size, progress):
     # longest first, like the harness; then by the longest request, so a batch's tails pad little
     order = sorted(range(len(questions)), key=lambda i: (ends[i], max(len(r[0]) for r in questions[i])), reverse=True)
     scores = [None] * len(questions)
+    # a question whose requests all end with its context (MMLU: one-letter answers) needs no
+    # cache past it, so it may join a batch of longer contexts, right-padded
+    no_tail = [all(len(inputs) <= end for inputs, _ in q) for q, end in zip(questions, ends)]
     while order:
         # questions whose contexts end at the same position, so all cache rows sit at one
-        # position; at most batch_size rows (the first question always fits)
+        # position, or that need no cache past their context; at most batch_size rows (the
+        # first question always fits)
         batch = [order.pop(0)]
-        while order and ends[order[0]] == ends[batch[0]] and sum(rows[i] for i in batch + order[:1]) <= batch_size:
+        while order and (ends[order[0]] == ends[batch[0]] or no_tail[order[0]] and no_tail[batch[0]]) \
+                and sum(rows[i] for i in batch + order[:1]) <= batch_size:
             batch.append(order.pop(0))
         for i, lls in zip(batch, score_batch(model, base, shared, ends[batch[0]], [questions[i] for i in batch])):
             scores[i] = lls
@@ -327,7 +332,9 @@ def score_batch(model, base, shared, end, questions):
     hidden = []  # the hidden states scored tokens read from, flattened to [tokens, dim]
     context_len = end - shared
     if context_len:
-        contexts = tensor([q[0][0][shared:end] for q in questions])
+        # right-padded to the longest: causal, so padding after a row's last token changes nothing before it
+        contexts = [q[0][0][shared:end] for q in questions]
+        contexts = tensor([c + [0] * (context_len - len(c)) for c in contexts])
         hidden.append(model.hidden(contexts, cache).flatten(0, 1))
     tails = [[inputs[end:] for inputs, _ in q if len(inputs) > end] for q in questions]
     width = max((len(t) for q in tails for t in q), default=0)

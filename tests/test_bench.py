@@ -1,0 +1,20 @@
+"""bench.py's kvcache rows: the rolling buffer holds exactly W/L of a full cache (computed for
+moxin-7b at 32k tokens, allocated for a small model) and gives the same hidden state."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench  # noqa: E402
+from model import model_args  # noqa: E402
+
+
+def test_kvcache_is_window_over_length():
+    computed, allocated = bench.kvcache_rows(torch.device("cpu"), small="tiny", L_small=64)
+    # moxin-7b: 36 layers x (k, v) x 8 kv heads x 128 head_dim x 2 bytes, per cached position
+    per_token = 36 * 2 * 8 * 128 * 2
+    assert computed["ours"] == 4096 * per_token and computed["ref"] == 32768 * per_token
+    assert computed["ratio"] == 4096 / 32768
+    assert allocated["ratio"] == model_args("tiny").sliding_window / 64
+    assert "same last hidden state" in allocated["note"]
