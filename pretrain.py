@@ -18,7 +18,8 @@ What ends up in out_dir:
                                  by sample.py, eval.py and sft.py; hf/ too with export_hf=True
 
 Run it again with the same out_dir and it resumes from the newest complete checkpoint.
-sft.py imports the machinery below (setup_distributed .. save_final) instead of copying it.
+sft.py imports the machinery below (setup_distributed .. save_final, launch, train_loop) instead
+of copying it: the two scripts differ only in their data and learning-rate schedule.
 """
 import glob
 import json
@@ -156,20 +157,21 @@ def build_model(args, device, seed, init_state=None, compile=False, activation_c
 
 def read_init_weights(path, rank, world_size):
     """Read a .pt checkpoint or HF model dir to start from (model.load_model) on rank 0 only.
-    -> (ModelArgs, full state dict on rank 0 and {} elsewhere), ready for build_model.
+    -> (ModelArgs, full state dict on rank 0 and {} elsewhere, tokenizer spec), ready for build_model.
     Bad input raises UsageError on every rank, so no rank is left waiting for the others."""
     payload, state = [None], {}
     if rank == 0:
         try:
-            source, _ = load_model(path)
-            payload, state = [asdict(source.args)], source.state_dict()
+            source, tokenizer_spec = load_model(path)
+            payload, state = [(asdict(source.args), tokenizer_spec)], source.state_dict()
         except ModelLoadError as e:
             payload = [str(e)]
     if world_size > 1:
         dist.broadcast_object_list(payload)
     if isinstance(payload[0], str):
         raise UsageError(payload[0])
-    return ModelArgs(**payload[0]), state
+    args, tokenizer_spec = payload[0]
+    return ModelArgs(**args), state, tokenizer_spec
 
 
 def autocast_context(device):
@@ -189,13 +191,15 @@ def build_optimizer(model, lr, weight_decay, betas, eps, device):
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == 'cuda')
 
 
-def lr_at(step, peak_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+def lr_at(step, peak_lr, warmup_steps, max_steps, min_lr_ratio=0.1, decay='cosine'):
     """LR for optimizer step `step` (0-based): linear warmup to peak_lr over warmup_steps,
-    then cosine decay that reaches min_lr_ratio * peak_lr at max_steps."""
+    then a decay that reaches min_lr_ratio * peak_lr at max_steps: 'cosine' (pre-training)
+    or 'linear' (open-instruct's fine-tuning schedule, used by sft.py)."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == 'cosine' else 1 - progress
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * shape)
 
 
 def train_step(model, optimizer, next_batch, grad_accum, lr, grad_clip, device):
@@ -294,6 +298,16 @@ def latest_checkpoint(ckpt_root):
     return os.path.join(ckpt_root, done[-1]) if done else None
 
 
+def resume_checkpoint(resume, ckpt_root):
+    """The checkpoint a run starts from: for 'auto' the newest complete one under ckpt_root (None
+    if there is none), else `resume` itself, which must be a complete checkpoint directory."""
+    if resume == 'auto':
+        return latest_checkpoint(ckpt_root)
+    if os.path.exists(os.path.join(resume, 'meta.json')):
+        return resume
+    raise UsageError(f"resume={resume}: not a complete checkpoint directory (use 'auto' or a checkpoints/step_* dir)")
+
+
 def save_train_state(ckpt_root, step, model, optimizer, meta, rank_state, keep_last):
     """
     Write ckpt_root/step_{step}: model and optimizer (each rank writes only its own shards),
@@ -369,10 +383,13 @@ def save_final(model, path, tokenizer, hf_dir=None, **extra):
 
 # ----------------------------------------------------------------------------- the run
 
-def main():
+def launch(train, script_globals, keys):
+    """The entry point of pretrain.py and sft.py: read the config (a file and --key=value, see
+    configurator.py) into the script's globals, join the process group when under torchrun, run
+    train(config, rank, world_size, device), and turn a UsageError into one line and exit code 2."""
     from configurator import configure
-    configure(globals(), config_keys)
-    config = {k: globals()[k] for k in config_keys}
+    configure(script_globals, keys)
+    config = {k: script_globals[k] for k in keys}
     rank, world_size, device = setup_distributed()
     try:
         train(config, rank, world_size, device)
@@ -401,12 +418,7 @@ def train(config, rank, world_size, device):
         raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
     if init_from and not os.path.exists(init_from):
         raise UsageError(f"init_from={init_from}: no such file or directory")
-    if resume == 'auto':
-        resume_path = latest_checkpoint(ckpt_root)
-    elif os.path.exists(os.path.join(resume, 'meta.json')):
-        resume_path = resume
-    else:
-        raise UsageError(f"resume={resume}: not a complete checkpoint directory (use 'auto' or a checkpoints/step_* dir)")
+    resume_path = resume_checkpoint(resume, ckpt_root)
 
     # ---- the model's shape and starting weights: own checkpoint (resume) > init_from > random
     init_state = None
@@ -414,7 +426,7 @@ def train(config, rank, world_size, device):
         with open(os.path.join(resume_path, 'meta.json')) as f:
             args = ModelArgs(**json.load(f)['model_args'])
     elif init_from:
-        args, init_state = read_init_weights(init_from, rank, world_size)
+        args, init_state, _ = read_init_weights(init_from, rank, world_size)
     else:
         try:
             args = model_args(preset, **model_overrides)
@@ -442,20 +454,55 @@ def train(config, rank, world_size, device):
         step, tokens = meta['step'], meta['tokens']
 
     tokens_per_step = batch_size * grad_accum * world_size * block_size
-    flops = flops_per_token(args, block_size)
-    peak = peak_flops(device) * world_size
     has_val = bool(glob.glob(os.path.join(data_dir, 'val_*.bin')))
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
         origin = f"resumed from {resume_path}" if resume_path else f"init from {init_from}" if init_from else "random init"
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {origin}, "
               f"{world_size} x {device.type}{' (FSDP2)' if dist.is_initialized() else ''}")
         print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
               f"{batch_size * grad_accum * world_size} sequences x {block_size} = {tokens_per_step:,} tokens/step; "
               f"{max_steps} steps = {max_steps * tokens_per_step:,} tokens")
+
+    def validate():
+        if has_val and eval_batches > 0:
+            val_loader = PackedLoader(data_dir, 'val', block_size, batch_size, rank, world_size, seed)
+            return evaluate(model, val_loader, eval_batches, device)
+
+    step, tokens = train_loop(model, optimizer, train_loader, device, config, max_steps,
+                              lambda s: lr_at(s, lr, warmup_steps, max_steps, min_lr_ratio), tokenizer,
+                              {'model_args': asdict(args), 'world_size': world_size, 'config': config},
+                              step, tokens, validate, eval_interval)
+    if master:
+        print(f"done: {step} steps, {tokens:,} tokens in {time.time() - t_start:.0f}s; wrote {out_dir}/final.pt"
+              f"{' and ' + os.path.join(out_dir, 'hf') if export_hf else ''}. Try: python sample.py --ckpt {out_dir}/final.pt")
+
+
+def train_loop(model, optimizer, loader, device, config, max_steps, lr_of, tokenizer, meta, step=0, tokens=0,
+               validate=None, eval_interval=0, desc='pretrain'):
+    """
+    The training loop of pretrain.py and sft.py: optimizer steps from `step` to max_steps on
+    batches from `loader` (next_batch() -> (x, y); its state_dict() is saved with every
+    checkpoint), then config['out_dir']/final.pt. Returns (step, tokens).
+      lr_of(step)   the learning rate of each step
+      tokenizer     the data's tokenizer (data.Tokenizer), recorded with every checkpoint
+      meta          what else every checkpoint records: model_args, world_size, config
+      validate()    a validation loss (or None), every eval_interval steps and at the end
+    From config: out_dir, grad_accum, grad_clip, log_interval, ckpt_interval, keep_last, export_hf.
+    SIGINT/SIGTERM finish the step, checkpoint and exit 128 + signal; a NaN/inf loss stops the
+    run (exit 1) without saving, so the newest checkpoint stays the newest good one.
+    """
+    out_dir, grad_accum, grad_clip = config['out_dir'], config['grad_accum'], config['grad_clip']
+    log_interval, ckpt_interval, keep_last = config['log_interval'], config['ckpt_interval'], config['keep_last']
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    world_size = meta['world_size']
+    ckpt_root = os.path.join(out_dir, 'checkpoints')
+    t_start = time.time()
+    peak = peak_flops(device) * world_size
+    if master:
         print(f"peak: {peak / 1e12:.2f} TFLOP/s over {world_size} rank(s) "
               f"({'datasheet' if device.type == 'cuda' else 'measured float32 matmul'})")
+        os.makedirs(out_dir, exist_ok=True)
+        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
 
     def log(record, line):
         """One record to log.jsonl and one line to the terminal (rank 0 only)."""
@@ -465,15 +512,21 @@ def train(config, rank, world_size, device):
             tqdm.write(line)
 
     def checkpoint_now():
-        meta = {'model_args': asdict(args), 'tokenizer': data_meta['tokenizer'], 'world_size': world_size,
-                'tokens': tokens, 'config': config}
-        save_train_state(ckpt_root, step, model, optimizer, meta, {'loader': train_loader.state_dict()}, keep_last)
+        save_train_state(ckpt_root, step, model, optimizer, {**meta, 'tokenizer': tokenizer.spec, 'tokens': tokens},
+                         {'loader': loader.state_dict()}, keep_last)
 
-    def validate():
-        if has_val and eval_batches > 0:
-            val_loader = PackedLoader(data_dir, 'val', block_size, batch_size, rank, world_size, seed)
-            val_loss = evaluate(model, val_loader, eval_batches, device)
+    def run_validation():
+        val_loss = validate() if validate else None
+        if val_loss is not None:
             log({'step': step, 'val_loss': val_loss}, f"step {step}: val loss {val_loss:.4f}")
+
+    # the work each batch costs, counted as it is drawn: SFT batches differ in length
+    work = [0, 0.0]  # tokens, FLOPs on this rank in this step
+    def next_batch():
+        x, y = loader.next_batch()
+        work[0] += x.numel()
+        work[1] += flops_per_token(model.args, x.shape[1]) * x.numel()
+        return x, y
 
     # SIGINT (Ctrl-C) / SIGTERM (scheduler preemption): finish the step, checkpoint, exit
     received = []
@@ -483,18 +536,24 @@ def train(config, rank, world_size, device):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc='pretrain')
-    saved_step, busy_time, busy_steps = step, 0.0, 0
+    pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc=desc)
+    saved_step, busy_time, busy_tokens, busy_flops = step, 0.0, 0, 0.0
     while step < max_steps:
         if eval_interval and step % eval_interval == 0:
-            validate()
+            run_validation()
         t0 = time.perf_counter()
-        step_lr = lr_at(step, lr, warmup_steps, max_steps, min_lr_ratio)
-        loss, grad_norm = train_step(model, optimizer, train_loader.next_batch, grad_accum, step_lr, grad_clip, device)
+        step_lr = lr_of(step)
+        work[:] = [0, 0.0]
+        loss, grad_norm = train_step(model, optimizer, next_batch, grad_accum, step_lr, grad_clip, device)
+        step_work = torch.tensor(work, dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(step_work)
+        step_tokens, step_flops = step_work.tolist()
         busy_time += time.perf_counter() - t0
-        busy_steps += 1
+        busy_tokens += step_tokens
+        busy_flops += step_flops
         step += 1
-        tokens += tokens_per_step
+        tokens += int(step_tokens)
         pbar.update()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if master:
@@ -504,13 +563,12 @@ def train(config, rank, world_size, device):
                       f"(lower lr or raise warmup_steps, then resume from it)", file=sys.stderr)
             sys.exit(1)
         if step % log_interval == 0 or step == max_steps:
-            tokens_per_s = busy_steps * tokens_per_step / busy_time
-            mfu = flops * tokens_per_s / peak
+            tokens_per_s, mfu = busy_tokens / busy_time, busy_flops / busy_time / peak
             log({'step': step, 'loss': loss, 'lr': step_lr, 'grad_norm': grad_norm, 'tokens': tokens,
                  'tokens_per_s': tokens_per_s, 'mfu': mfu, 'time': time.time() - t_start},
                 f"step {step}: loss {loss:.4f} | lr {step_lr:.2e} | grad norm {grad_norm:.3f} | "
                 f"{tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%")
-            busy_time, busy_steps = 0.0, 0
+            busy_time, busy_tokens, busy_flops = 0.0, 0, 0.0
         stop = torch.tensor(received[:1] or [0], device=device)
         if world_size > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # one rank signalled: all stop at the same step
@@ -526,16 +584,13 @@ def train(config, rank, world_size, device):
             saved_step = step
     pbar.close()
 
-    validate()
+    run_validation()
     if saved_step != step:
         checkpoint_now()
-    hf_dir = os.path.join(out_dir, 'hf') if export_hf else None
-    save_final(model, os.path.join(out_dir, 'final.pt'), tokenizer, hf_dir,
-               step=step, tokens=tokens, config=config)
-    if master:
-        print(f"done: {step} steps, {tokens:,} tokens in {time.time() - t_start:.0f}s; wrote {out_dir}/final.pt"
-              f"{' and ' + hf_dir if hf_dir else ''}. Try: python sample.py --ckpt {out_dir}/final.pt")
+    hf_dir = os.path.join(out_dir, 'hf') if config['export_hf'] else None
+    save_final(model, os.path.join(out_dir, 'final.pt'), tokenizer, hf_dir, step=step, tokens=tokens, config=config)
+    return step, tokens
 
 
 if __name__ == '__main__':
-    main()
+    launch(train, globals(), config_keys)

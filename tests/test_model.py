@@ -2,11 +2,9 @@
 attention reference, and the cached-decode == full-forward invariant."""
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as M
 

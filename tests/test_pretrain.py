@@ -6,17 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pretrain  # noqa: E402  (importing it runs nothing: the run is under __main__)
+from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import Transformer, generate, load_model, model_args  # noqa: E402
 
@@ -25,7 +24,6 @@ STEPS = 24
 TINY = ['--preset=tiny', '--block_size=16', '--batch_size=4', '--grad_accum=2', f'--max_steps={STEPS}',
         '--warmup_steps=4', '--lr=1e-2', '--log_interval=1', '--eval_interval=10', '--eval_batches=2',
         '--ckpt_interval=4', '--keep_last=2', '--seed=7']
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
 
 
 def write_shards(path, vocab=256, seed=0):
@@ -44,28 +42,7 @@ def write_shards(path, vocab=256, seed=0):
 
 
 def run(args, out_dir, data_dir, nproc=0, env=None, wait=True):
-    cmd = [sys.executable, 'pretrain.py'] if nproc == 0 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'pretrain.py']
-    cmd += [*args, f'--out_dir={out_dir}', f'--data_dir={data_dir}']
-    p = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return p
-    out, err = p.communicate(timeout=300)
-    return p.returncode, out, err
-
-
-def losses(out_dir):
-    """{step: loss}; a step logged twice (replayed after a kill) keeps its last value."""
-    records = [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
-    return {r['step']: r['loss'] for r in records if 'loss' in r}
-
-
-def wait_for(predicate, proc, timeout=120):
-    t0 = time.time()
-    while not predicate():
-        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(0.005)
+    return start('pretrain.py', [*args, f'--out_dir={out_dir}', f'--data_dir={data_dir}'], nproc, env, wait)
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,39 @@
+"""What the tests of pretrain.py and sft.py share: running a training script as a subprocess
+(alone or under torchrun), reading the losses it logged, and waiting for it to get somewhere."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+
+
+def start(script, args, nproc=0, env=None, wait=True):
+    """Run `script args` from the repo root, as one process (nproc=0) or under torchrun with nproc
+    ranks. wait=True -> (returncode, stdout, stderr); wait=False -> the running Popen."""
+    cmd = [sys.executable, script] if nproc == 0 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', script]
+    p = subprocess.Popen([*cmd, *args], cwd=ROOT, env={**ENV, **(env or {})},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+def losses(out_dir):
+    """{step: loss} from out_dir/log.jsonl; a step logged twice (replayed after a kill) keeps its last value."""
+    records = [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
+    return {r['step']: r['loss'] for r in records if 'loss' in r}
+
+
+def wait_for(predicate, proc, timeout=120):
+    """Poll until predicate() holds; fail if proc ends first or it takes longer than timeout seconds."""
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.005)
