@@ -112,8 +112,9 @@ class Attention(nn.Module):
             k_all, v_all = cache.keys_values(layer, k, v)
         else:
             k_all, v_all = k, v
-        # enable_gqa: each group of n_heads // n_kv_heads query heads reads the same key/value head
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None,
+        # enable_gqa: each group of n_heads // n_kv_heads query heads reads the same key/value head.
+        # No mask: causal without a cache; with one, a decode step whose keys are exactly its window
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None and cache is None,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -181,7 +182,17 @@ class KVCache:
         return torch.where(slots < self.pos, newest, -1)
 
     def keys_values(self, layer, k, v):
-        """Return cached + new keys/values for attention, then store the new ones."""
+        """Store the new keys/values and return every key/value they may attend to.
+        One new token (a decode step): it goes into its slot first, overwriting position pos - W,
+        the one key that has just left the window; the filled slots are then exactly the keys it
+        may read, in slot order (attention does not care about order: RoPE is already applied),
+        so it needs no mask. Several (prefill): cached + new, to be masked by window_mask."""
+        if k.shape[2] == 1:
+            slot = self.pos % self.capacity
+            self.k[layer][:, :, slot] = k[:, :, 0]
+            self.v[layer][:, :, slot] = v[:, :, 0]
+            n = min(self.pos + 1, self.capacity)
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
         k_all = torch.cat([self.k[layer], k], dim=2)
         v_all = torch.cat([self.v[layer], v], dim=2)
         T = k.shape[2]
@@ -248,7 +259,9 @@ class Transformer(nn.Module):
         q_pos = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
         W = self.args.sliding_window
-        if cache is not None:
+        if cache is not None and T == 1:
+            mask = None  # a decode step reads every filled slot (KVCache.keys_values)
+        elif cache is not None:
             mask = window_mask(q_pos, torch.cat([cache.slot_positions(), q_pos]), W)
         elif W is None or T <= W:
             mask = None  # plain causal: the window never bites (phases 1 and 2 train this way)
@@ -286,6 +299,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     if args.sliding_window is None and total > args.max_seq_len:
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's context of {args.max_seq_len} tokens")
+    if weight.device.type == "cpu":
+        _column_major_head(model)
     cache = KVCache(args, 1, weight.device, weight.dtype, max_tokens=total)
     idx = torch.tensor([prompt], dtype=torch.long, device=weight.device)
     for _ in range(max_new_tokens):
@@ -295,6 +310,18 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         if token.item() == eos_id:
             return
         idx = token[:, None]
+
+
+def _column_major_head(model):
+    """Store the output head [vocab, dim] column-major (same shape and values, transposed strides).
+    A decode step multiplies one row by this tall, narrow matrix, and CPU BLAS does that 1.5-3x
+    faster in column-major order: 4.9 -> 1.7 ms for 32000 x 256 on a 2-core EPYC, 7.6 -> 3.8 ms
+    for 32000 x 512, 31 -> 28 ms for 32000 x 4096. For a small model the head is most of the
+    weights a step reads. Batched matmuls (training, prefill, eval) run as fast either way."""
+    head = model.tok_embeddings if model.output is None else model.output
+    w = head.weight
+    if w.dim() == 2 and w.stride() == (w.shape[1], 1) and w.shape[0] > w.shape[1]:
+        w.data = w.data.t().contiguous().t()
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):
