@@ -293,7 +293,7 @@ def doc_sentences():
 
 
 def synthetic_tasks(n_zero_shot, n_per_subject, seed=0):
-    """{task: {split: rows}} in the HF schemas of hellaswag and mmlu, made of doc sentences:
+    """{task: {split: rows}} in the HF schemas of hellaswag, winogrande and mmlu, made of doc sentences:
     the questions need not make sense for a random-weight model to be timed on them."""
     rng = random.Random(seed)
     sentences = doc_sentences()
@@ -302,7 +302,11 @@ def synthetic_tasks(n_zero_shot, n_per_subject, seed=0):
                                 endings=[say(5, 20) for _ in range(4)], label=str(rng.randrange(4))) for _ in range(n)]
     mmlu = lambda n, subject: [dict(question=say(20, 60) + " " + say(), subject=subject,
                                     choices=[say(1, 8) for _ in range(4)], answer=rng.randrange(4)) for _ in range(n)]
+    # a blank somewhere in the sentence: the two choices differ from there on
+    winogrande = lambda n: [dict(sentence=say(3, 20) + " _ " + say(3, 15), option1=say(1, 3), option2=say(1, 3),
+                                 answer=str(rng.randint(1, 2))) for _ in range(n)]
     return {"hellaswag": {"validation": hellaswag(n_zero_shot), "train": hellaswag(4)},
+            "winogrande": {"validation": winogrande(n_zero_shot), "train": winogrande(4)},
             "mmlu": {"test": [r for s in MMLU_BENCH_SUBJECTS for r in mmlu(n_per_subject, s)],
                      "dev": [r for s in MMLU_BENCH_SUBJECTS for r in mmlu(5, s)]}}
 
@@ -333,7 +337,8 @@ def harness_tasks(splits_by_task, shots):
     yaml_dir = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
     tasks = []
     for task, splits in splits_by_task.items():
-        per_unit = {"hellaswag/hellaswag.yaml": splits} if task == "hellaswag" else {
+        per_unit = {f"{task}/default.yaml" if task == "winogrande" else f"{task}/{task}.yaml": splits} \
+            if task != "mmlu" else {
             f"mmlu/default/mmlu_{s}.yaml": {name: [r for r in rows if r["subject"] == s] for name, rows in splits.items()}
             for s in MMLU_BENCH_SUBJECTS}
         for yaml, rows in per_unit.items():
@@ -369,7 +374,7 @@ def bench_eval(device, sync):
         ours_model, spec = ev.load_model(tmp, device=device)  # what `eval.py --ckpt DIR` does
         tokenizer = Tokenizer.load(spec)
         lm = HFLM(pretrained=tmp, device=str(device), dtype=torch.float32, batch_size=batch_size)
-        for task, shots in (("hellaswag", 0), ("mmlu", 5)):
+        for task, shots in (("hellaswag", 0), ("winogrande", 0), ("mmlu", 5)):
             tasks = harness_tasks({task: all_splits[task]}, shots)
             out = {}
 
