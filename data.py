@@ -226,24 +226,30 @@ def _decode(raw, path, line=None):
         raise ValueError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
 
 
+def read_jsonl(path):
+    """(line number, row) for every non-blank line of a .jsonl file, read as it goes; invalid
+    UTF-8 or JSON raises ValueError naming the file and line. sft.py reads its chats with it."""
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    row = json.loads(_decode(raw, path, n))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                yield n, row
+
+
 def _read_local(path, field):
     if path.endswith('.txt'):  # one file, one document
         with open(path, 'rb') as f:
             yield _decode(f.read(), path)
     elif path.endswith('.jsonl'):
-        with open(path, 'rb') as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(_decode(raw, path, n))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or field not in row:
-                    raise ValueError(f"{path}:{n}: no '{field}' field")
-                if not isinstance(row[field], str):
-                    raise ValueError(f"{path}:{n}: '{field}' is {type(row[field]).__name__}, not a string")
-                yield row[field]
+        for n, row in read_jsonl(path):
+            if not isinstance(row, dict) or field not in row:
+                raise ValueError(f"{path}:{n}: no '{field}' field")
+            if not isinstance(row[field], str):
+                raise ValueError(f"{path}:{n}: '{field}' is {type(row[field]).__name__}, not a string")
+            yield row[field]
     else:
         import pyarrow.parquet
         table = pyarrow.parquet.ParquetFile(path)
@@ -392,8 +398,8 @@ def _init_worker(settings):
     _worker = Preparer(**settings)
 
 
-def _prepare_batch(texts):
-    return [_worker(text) for text in texts]
+def _prepare(text):  # in a worker process
+    return _worker(text)
 
 
 class Preparer:
@@ -413,17 +419,18 @@ class Preparer:
         return nbytes, (digest, keys, np.array(ids, dtype=self.dtype))
 
 
-def _prepared(docs, pool, batch_size=64, depth=8):
-    """Yield pool-prepared documents in order, keeping at most `depth` batches in flight
-    (Pool.imap would read the whole source ahead into memory). A reading error is raised
-    when its document's turn comes, so the documents before it still reach the shards."""
+def ordered_map(pool, fn, items, batch_size=64, depth=8):
+    """fn(item) for every item, computed by the pool's workers and yielded in order, with at most
+    `depth` batches in flight (Pool.imap would read all of `items` ahead into memory). A
+    ValueError raised while reading `items` is raised when its turn comes, so the results before
+    it still arrive. fn must be a module-level function; sft.py tokenizes its chats with this too."""
     pending, failure, more = collections.deque(), None, True
     while True:
         while more and len(pending) < depth:
             batch = []
             try:
-                for doc in docs:
-                    batch.append(doc)
+                for item in items:
+                    batch.append(item)
                     if len(batch) == batch_size:
                         break
                 else:
@@ -431,12 +438,16 @@ def _prepared(docs, pool, batch_size=64, depth=8):
             except ValueError as e:
                 failure, more = e, False
             if batch:
-                pending.append(pool.apply_async(_prepare_batch, (batch,)))
+                pending.append(pool.apply_async(_map_batch, (fn, batch)))
         if not pending:
             if failure:
                 raise failure
             return
         yield from pending.popleft().get()
+
+
+def _map_batch(fn, batch):
+    return [fn(item) for item in batch]
 
 
 # ----------------------------------------------------------------------------- tokenize to shards
@@ -525,7 +536,7 @@ def build(cfg):
     with multiprocessing.Pool(max(1, cfg['workers']), _init_worker, (worker_settings,)) as pool, \
             tqdm(total=cfg['max_tokens'] or None, initial=total, unit='tok', unit_scale=True, dynamic_ncols=True) as bar:
         # a resumed run re-reads (but does not prepare) the documents that went into finished shards
-        streams = [_prepared(itertools.islice(make(), skip, None), pool)
+        streams = [ordered_map(pool, _prepare, itertools.islice(make(), skip, None))
                    for make, skip in zip(opened, progress['consumed'])]
         while active and not (cfg['max_tokens'] and total >= cfg['max_tokens']):
             # mixture by tokens: the source furthest below its share gives the next document

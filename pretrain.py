@@ -336,8 +336,9 @@ def save_train_state(ckpt_root, step, model, optimizer, meta, rank_state, keep_l
         dist.barrier()
 
 
-def load_train_state(path, model, optimizer):
-    """Load a checkpoint written by save_train_state in place; -> (meta, this rank's rank_state)."""
+def load_train_state(path, model, optimizer, loader):
+    """Load a checkpoint written by save_train_state in place: model, optimizer, RNG, and the
+    loader's position (train_loop saves it as rank_state['loader']). -> (step, tokens)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(os.path.join(path, 'meta.json')) as f:
         meta = json.load(f)
@@ -353,7 +354,11 @@ def load_train_state(path, model, optimizer):
     torch.set_rng_state(mine['rng_cpu'])
     if 'rng_cuda' in mine:
         torch.cuda.set_rng_state(mine['rng_cuda'])
-    return meta, json.loads(mine['user'])
+    try:
+        loader.load_state_dict(json.loads(mine['user'])['loader'])
+    except ValueError as e:  # batch_size, block_size or the data changed since the checkpoint
+        raise UsageError(f"{path}: {e}") from None
+    return meta['step'], meta['tokens']
 
 
 def _rank_state(user_state):
@@ -444,14 +449,7 @@ def train(config, rank, world_size, device):
         train_loader = PackedLoader(data_dir, 'train', block_size, batch_size, rank, world_size, seed)
     except ValueError as e:  # e.g. too little data for one batch
         raise UsageError(str(e)) from None
-    step, tokens = 0, 0
-    if resume_path:
-        meta, rank_state = load_train_state(resume_path, model, optimizer)
-        try:
-            train_loader.load_state_dict(rank_state['loader'])
-        except ValueError as e:  # batch_size or block_size changed since the checkpoint
-            raise UsageError(f"{resume_path}: {e}") from None
-        step, tokens = meta['step'], meta['tokens']
+    step, tokens = load_train_state(resume_path, model, optimizer, train_loader) if resume_path else (0, 0)
 
     tokens_per_step = batch_size * grad_accum * world_size * block_size
     has_val = bool(glob.glob(os.path.join(data_dir, 'val_*.bin')))

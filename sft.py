@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import Tokenizer, encode_chat
+from data import Tokenizer, encode_chat, ordered_map, read_jsonl
 from model import ModelArgs
 from pretrain import (UsageError, build_model, build_optimizer, launch, load_train_state, lr_at,
                       read_init_weights, resume_checkpoint, train_loop)
@@ -88,13 +88,11 @@ def rows(dataset):
     elif dataset.endswith('.jsonl'):
         if not os.path.isfile(dataset):
             raise UsageError(f"dataset={dataset}: no such file")
-        with open(dataset, 'rb') as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield f"{dataset}:{n}", json.loads(line)
-                    except ValueError as e:  # bad JSON or bad UTF-8
-                        raise UsageError(f"{dataset}:{n}: not valid JSON ({e})") from None
+        try:
+            for n, row in read_jsonl(dataset):
+                yield f"{dataset}:{n}", row
+        except ValueError as e:  # bad JSON or bad UTF-8, with file and line
+            raise UsageError(str(e)) from None
     else:
         import datasets
         try:
@@ -196,7 +194,7 @@ def load_conversations(dataset, tokenizer, block_size, workers):
     if workers > 1:
         # forked (on Linux) like torch's DataLoader workers: they start at once and never touch the GPU
         pool = multiprocessing.Pool(workers, _start_worker, (tokenizer.spec,))
-        encoded = pool.imap(_encode_in_worker, items, chunksize=64)
+        encoded = ordered_map(pool, _encode_in_worker, items)
     else:
         pool, encoded = None, (encode_row(tokenizer, *item) for item in items)
     kept_ids, kept_mask = [], []
@@ -325,11 +323,7 @@ def train(config, rank, world_size, device):
     model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
     del init_state
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
-    step, tokens = 0, 0
-    if resume_path:
-        meta, rank_state = load_train_state(resume_path, model, optimizer)
-        loader.load_state_dict(rank_state['loader'])
-        step, tokens = meta['step'], meta['tokens']
+    step, tokens = load_train_state(resume_path, model, optimizer, loader) if resume_path else (0, 0)
     if master:
         origin = f"resumed from {resume_path}" if resume_path else f"init from {init_from}"
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {origin}, "
