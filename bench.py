@@ -40,7 +40,9 @@ import time
 
 import torch
 
-from model import KVCache, Transformer, export_hf, generate, model_args
+from model import KVCache, Transformer, generate, model_args
+from trainer import datasheet_peak, flops_per_token
+from weights import export_hf
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -119,25 +121,8 @@ def hf_twin(model, device):
     return hf.to(device)
 
 
-def train_flops_per_token(model, seq_len):
-    """Training FLOPs per token as PaLM counts them (nanoGPT's estimate_mfu): 6 per weight of
-    every matmul, plus 12 * layers * heads * head_dim * attention span for the scores and the
-    weighted sum. The embedding lookup is no matmul; a tied embedding is, as the output head."""
-    a = model.args
-    weights = sum(p.numel() for p in model.parameters() if p.dim() == 2)
-    if not a.tie_embeddings:
-        weights -= model.tok_embeddings.weight.numel()
-    span = seq_len if a.sliding_window is None else min(seq_len, a.sliding_window)
-    return 6 * weights + 12 * a.n_layers * a.n_heads * a.head_dim * span
-
-
-# dense bf16 tensor-core peaks from the datasheets, by a part of torch.cuda.get_device_name()
-GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
 def gpu_peak():
-    name = torch.cuda.get_device_name()
-    return next((peak for part, peak in GPU_BF16_PEAK.items() if part in name), None)
+    return datasheet_peak(torch.cuda.get_device_name())
 
 
 # ----------------------------------------------------------------------------- train
@@ -183,7 +168,7 @@ def bench_train(device, sync):
         a, b = torch.randn(n, n), torch.randn(n, n)
         contenders["peak"] = lambda: [a @ b for _ in range(reps)]
     times = race(contenders, rounds, sync)
-    flops = train_flops_per_token(model, seq_len) * batch * seq_len
+    flops = flops_per_token(model.args, seq_len) * batch * seq_len
     if cuda:
         peak = gpu_peak()
         peaks = [peak] * rounds
@@ -312,13 +297,13 @@ def synthetic_tasks(n_zero_shot, n_per_subject, seed=0):
 
 
 def hf_tokenizer(out_dir):
-    """transformers' tokenizer for Mistral's SentencePiece model (as data.Tokenizer.save_hf
-    exports it), saved into out_dir with a tokenizer.json. data.Tokenizer prefers that file,
+    """transformers' tokenizer for Mistral's SentencePiece model (as tokenizer.Tokenizer.save_hf
+    exports it), saved into out_dir with a tokenizer.json. tokenizer.Tokenizer prefers that file,
     so eval.py and the harness split text the same way: transformers' conversion splits some
     runs of spaces unlike SentencePiece itself."""
     import transformers
 
-    from data import Tokenizer
+    from tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as spm_dir:
         Tokenizer.load("mistral").save_hf(spm_dir)
@@ -355,7 +340,7 @@ def bench_eval(device, sync):
     from lm_eval.tasks import TaskManager
 
     import eval as ev
-    from data import Tokenizer
+    from tokenizer import Tokenizer
 
     # float32 on every device: identical scores are part of the claim, and bf16 kernels differ
     model = build(model_args("demo"), device).eval()  # max_seq_len 1024 holds a 5-shot MMLU prompt
@@ -427,7 +412,8 @@ def corpus(n_stdlib=300, n_near_copies=100, seed=0):
 def bench_data(device, sync):
     import datasketch
 
-    from data import Dedup, MinHash, Tokenizer, lsh_bands
+    from data import Dedup, MinHash, lsh_bands
+    from tokenizer import Tokenizer
 
     docs, planted = corpus()
     rounds, rows = 3, []

@@ -97,6 +97,13 @@ def _apply_file(g, keys, path):
         g[key] = _coerce(key, value, g[key])
 
 
+def settings(g):
+    """The names of a script's settings: its public module globals with plain values (numbers,
+    strings, booleans, None, lists, tuples, dicts), which config files and --key=value may set."""
+    return [k for k, v in g.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None), list, tuple, dict))]
+
+
 def configure(g, keys, argv=None):
     """Like apply_overrides on sys.argv[1:], but a mistake prints one line and exits (code 2)."""
     try:

@@ -1,17 +1,15 @@
 """
-data.py: from raw text to the token batches that pretrain.py and sft.py train on.
+data.py: from raw text to the token shards that pretrain.py trains on.
 
     text sources -> cleaning + dedup -> weighted mixture -> tokenizer -> shards on disk
-    shards on disk -> PackedLoader -> (x, y) batches       chat messages -> encode_chat
 
 Run `python data.py [config/file.py] [--key=value ...]` to build shards; the defaults
 build a small text+code corpus from this Python interpreter's own docs and stdlib,
-offline. Other stages import Tokenizer, PackedLoader and encode_chat from here.
+offline. dataloader.PackedLoader reads the shards back as batches.
 """
 import collections
 import glob
 import hashlib
-import importlib.resources
 import itertools
 import json
 import multiprocessing
@@ -19,7 +17,6 @@ import os
 import pathlib
 import re
 import string
-import shutil
 import sys
 import sysconfig
 import time
@@ -29,123 +26,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-
-# ----------------------------------------------------------------------------- tokenizer
-
-class Tokenizer:
-    """One interface over the three tokenizer formats a checkpoint may come with.
-
-    Special-token strings inside text (e.g. a literal "</s>" in a web page) are always
-    encoded as plain text, so data can never inject a BOS/EOS; special tokens come
-    only from add_special_tokens=True or from code that appends .eos_id itself.
-    """
-
-    def __init__(self, spec, kind, impl, vocab_size, bos_id, eos_id, path=None):
-        self.spec, self.kind, self.impl, self.path = spec, kind, impl, path
-        self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
-
-    @classmethod
-    def load(cls, spec):
-        if spec == 'mistral':  # Mistral's v1 SentencePiece model, the one Moxin-7B uses
-            return cls._sentencepiece(spec, str(importlib.resources.files('mistral_common') / 'data' / 'tokenizer.model.v1'))
-        if spec.startswith('tiktoken:'):
-            return cls._tiktoken(spec, spec.removeprefix('tiktoken:'))
-        if os.path.isdir(spec):  # an HF model dir: tokenizer.json is what transformers prefers too
-            for name in ('tokenizer.json', 'tokenizer.model'):
-                if os.path.isfile(os.path.join(spec, name)):
-                    return cls._from_file(spec, os.path.join(spec, name))
-            raise ValueError(f"tokenizer dir {spec} has neither tokenizer.json nor tokenizer.model")
-        if os.path.isfile(spec):
-            return cls._from_file(spec, spec)
-        raise ValueError(f"tokenizer '{spec}' is not 'mistral', 'tiktoken:NAME', or an existing file or directory")
-
-    @classmethod
-    def _from_file(cls, spec, path):
-        if path.endswith('.json'):
-            return cls._hf_json(spec, path)
-        return cls._sentencepiece(spec, path)
-
-    @classmethod
-    def _sentencepiece(cls, spec, path):
-        import sentencepiece
-        try:
-            sp = sentencepiece.SentencePieceProcessor(model_file=path)
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path} is not a SentencePiece model: {str(e).splitlines()[0]}") from None
-        none_if_negative = lambda i: i if i >= 0 else None
-        return cls(spec, 'sentencepiece', sp, sp.vocab_size(), none_if_negative(sp.bos_id()), none_if_negative(sp.eos_id()), path)
-
-    @classmethod
-    def _tiktoken(cls, spec, name):
-        import tiktoken
-        if name not in tiktoken.list_encoding_names():
-            raise ValueError(f"unknown tiktoken encoding '{name}' (known: {', '.join(tiktoken.list_encoding_names())})")
-        try:
-            enc = tiktoken.get_encoding(name)
-        except Exception as e:  # every encoding downloads its BPE file on first use
-            raise ValueError(f"tiktoken encoding '{name}' is not cached and could not be downloaded "
-                             f"({type(e).__name__}); run it once with network access or set TIKTOKEN_CACHE_DIR") from None
-        tok = cls(spec, 'tiktoken', enc, enc.n_vocab, None, enc.eot_token)
-        tok.special_ids = {enc.encode_single_token(t) for t in enc.special_tokens_set}
-        return tok
-
-    @classmethod
-    def _hf_json(cls, spec, path):
-        import tokenizers
-        try:
-            tok = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:
-            raise ValueError(f"{path} is not a tokenizers JSON file: {str(e).splitlines()[0]}") from None
-        tok.encode_special_tokens = True  # see the class docstring
-        # transformers keeps the names of BOS/EOS beside tokenizer.json; fall back to the usual names
-        config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
-        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
-        def special(key, usual):
-            name = config.get(key)
-            names = [name.get('content') if isinstance(name, dict) else name] if name else usual
-            ids = [tok.token_to_id(n) for n in names if n and tok.token_to_id(n) is not None]
-            return ids[0] if ids else None
-        bos = special('bos_token', ['<s>', '<|begin_of_text|>', '<|startoftext|>'])
-        eos = special('eos_token', ['</s>', '<|end_of_text|>', '<|endoftext|>', '<|eot_id|>'])
-        return cls(spec, 'hf', tok, tok.get_vocab_size(with_added_tokens=True), bos, eos, path)
-
-    def encode(self, text, add_special_tokens=False):
-        if self.kind == 'sentencepiece':  # SentencePiece itself adds nothing; Mistral's convention is BOS only
-            ids = self.impl.encode(text)
-            return [self.bos_id] + ids if add_special_tokens and self.bos_id is not None else ids
-        if self.kind == 'tiktoken':  # tiktoken has no default special tokens
-            return self.impl.encode_ordinary(text)
-        return self.impl.encode(text, add_special_tokens=add_special_tokens).ids  # the post_processor decides
-
-    def decode(self, ids):
-        """Text of `ids`, with BOS/EOS and other special tokens left out."""
-        ids = [int(i) for i in ids]
-        if self.kind == 'tiktoken':
-            return self.impl.decode([i for i in ids if i not in self.special_ids])
-        if self.kind == 'hf':
-            return self.impl.decode(ids, skip_special_tokens=True)
-        return self.impl.decode(ids)
-
-    def save_hf(self, out_dir):
-        """Write this tokenizer's files into an HF model directory (model.export_hf writes the weights)."""
-        if self.kind == 'tiktoken':
-            raise ValueError(f"tokenizer {self.spec}: a tiktoken encoding has no HF tokenizer file to export")
-        os.makedirs(out_dir, exist_ok=True)
-        if self.kind == 'hf':
-            shutil.copy(self.path, os.path.join(out_dir, 'tokenizer.json'))
-            config = os.path.join(os.path.dirname(self.path), 'tokenizer_config.json')
-            if os.path.isfile(config):
-                shutil.copy(config, os.path.join(out_dir, 'tokenizer_config.json'))
-            return
-        shutil.copy(self.path, os.path.join(out_dir, 'tokenizer.model'))
-        # transformers reads a SentencePiece model through LlamaTokenizer, which adds BOS as Mistral's does
-        config = dict(tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False, legacy=True,
-                      bos_token='<s>', eos_token='</s>', unk_token='<unk>')
-        with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
-            json.dump(config, f, indent=2)
-
-    def __repr__(self):
-        return f"Tokenizer({self.spec!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------- text sources
@@ -592,112 +473,6 @@ def _report(meta, docs, tokens, seconds):
     print(f"this run: {docs} documents read, {tokens} tokens written in {seconds:.1f}s "
           f"({docs / max(seconds, 1e-9):.0f} docs/s, {tokens / max(seconds, 1e-9):.0f} tok/s); "
           f"dataset: {meta['split_tokens']} tokens")
-
-
-# ----------------------------------------------------------------------------- the packed loader
-
-class PackedLoader:
-    """Batches of consecutive block_size+1 token windows, packed across document boundaries.
-
-    An epoch visits every window of the split once: shards in a seeded order, windows within
-    each shard in a seeded order, both new each epoch. Rank r of world_size takes every
-    world_size-th window of that sequence, so ranks never overlap; all ranks take the same
-    number of batches per epoch (the remainder is dropped) and their state is identical.
-    """
-
-    def __init__(self, data_dir, split, block_size, batch_size, rank=0, world_size=1, seed=0):
-        meta_path = os.path.join(data_dir, 'meta.json')
-        if not os.path.isfile(meta_path):
-            raise ValueError(f"{meta_path} not found: build the data with `python data.py` first (or wait for it to finish)")
-        meta = json.load(open(meta_path))
-        paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_[0-9][0-9][0-9][0-9].bin')))
-        if not paths:
-            raise ValueError(f"{data_dir} has no {split}_NNNN.bin shards")
-        self.shards = [np.memmap(p, dtype=meta['dtype'], mode='r') for p in paths]
-        self.windows = np.array([(len(s) - 1) // block_size for s in self.shards])
-        self.block_size, self.batch_size, self.rank, self.world_size, self.seed = block_size, batch_size, rank, world_size, seed
-        self.steps_per_epoch = int(self.windows.sum()) // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{data_dir} {split}: {self.windows.sum()} windows of {block_size + 1} tokens "
-                             f"cannot fill one batch of {batch_size} on each of {world_size} ranks")
-        self.epoch, self.step = 0, 0
-        self._cached_epoch = self._cached_shard = None
-
-    def _window(self, position):
-        """The (shard, first token) of the position-th window of this epoch's sequence."""
-        if self._cached_epoch != self.epoch:
-            self._shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-            self._ends = np.cumsum(self.windows[self._shard_order])
-            self._cached_epoch, self._cached_shard = self.epoch, None
-        j = int(np.searchsorted(self._ends, position, side='right'))
-        shard = int(self._shard_order[j])
-        if self._cached_shard != shard:  # positions come in order: one shard's permutation at a time
-            self._window_order = np.random.default_rng([self.seed, self.epoch, shard]).permutation(self.windows[shard])
-            self._cached_shard = shard
-        return shard, int(self._window_order[position - (self._ends[j] - self.windows[shard])]) * self.block_size
-
-    def next_batch(self):
-        import torch  # here, so that building shards (and its worker processes) never loads torch
-        if self.step == self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        first = self.step * self.batch_size * self.world_size
-        rows = []
-        for b in range(self.batch_size):
-            shard, start = self._window(first + b * self.world_size + self.rank)
-            rows.append(self.shards[shard][start:start + self.block_size + 1])
-        self.step += 1
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return batch[:, :-1], batch[:, 1:]
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
-                    block_size=self.block_size, batch_size=self.batch_size, windows=self.windows.tolist())
-
-    def load_state_dict(self, state):
-        for key in ('seed', 'world_size', 'block_size', 'batch_size', 'windows'):
-            if state[key] != self.state_dict()[key]:
-                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {self.state_dict()[key]!r}; "
-                                 f"cannot resume exactly")
-        self.epoch, self.step = state['epoch'], state['step']
-
-
-# ----------------------------------------------------------------------------- chat format for SFT
-
-CHAT_ROLES = ('system', 'user', 'assistant')
-
-
-def encode_chat(tokenizer, messages, block_size=None, add_generation_prompt=False):
-    """Token ids and loss mask (1 = trained on) of a conversation in Moxin's (Tulu's) template:
-
-        <|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n...</s>\\n
-
-    Tags are plain text; </s> is the EOS token, and BOS starts the conversation as it starts
-    a pre-training document. The text between two EOS tokens is encoded in one piece, as a
-    tokenizer sees a whole string, and the mask marks the tokens past the prefix that ends
-    with "<|assistant|>\\n": the assistant's reply and its EOS. add_generation_prompt ends the
-    ids with "<|assistant|>\\n", tokenized as in training, for the model to write the reply.
-    """
-    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    mask, text = [0] * len(ids), ''
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get('role') not in CHAT_ROLES or not isinstance(message.get('content'), str):
-            raise ValueError(f"message {n}: expected {{'role': one of {', '.join(CHAT_ROLES)}, 'content': str}}, got {message!r}")
-        text += f"<|{message['role']}|>\n"
-        if message['role'] != 'assistant':
-            text += message['content'] + '\n'
-            continue
-        prompt, reply = tokenizer.encode(text), tokenizer.encode(text + message['content'])
-        if reply[:len(prompt)] != prompt:
-            raise ValueError(f"message {n}: tokenizer {tokenizer.spec} merges tokens across the '<|assistant|>\\n' tag")
-        ids += reply + [tokenizer.eos_id]
-        mask += [0] * len(prompt) + [1] * (len(reply) - len(prompt) + 1)
-        text = '\n'
-    if add_generation_prompt:
-        text += '<|assistant|>\n'
-    if text:  # the newline after the last EOS, or a prompt the model has not answered yet
-        tail = tokenizer.encode(text)
-        ids, mask = ids + tail, mask + [0] * len(tail)
-    return ids[:block_size], mask[:block_size]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import KVCache, load_model
+from model import KVCache
+from tokenizer import Tokenizer
+from weights import load_model
 
 
 class EvalError(ValueError):
@@ -472,7 +474,6 @@ def main(argv=None):
                 get_task(name)
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
             raise EvalError("--limit and --batch_size must be positive")
-        from data import Tokenizer  # here, not at the top: data.py imports render_examples from this file
 
         dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
         model, tokenizer_spec = load_model(args.ckpt, device=args.device, dtype=getattr(torch, dtype))

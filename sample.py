@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from data import Tokenizer, encode_chat
-from model import ModelLoadError, generate, load_model
+from model import generate
+from tokenizer import Tokenizer, encode_chat
+from weights import ModelLoadError, load_model
 
 # ---------------------------------------------------------------- settings
 ckpt = "out/final.pt"  # a .pt file written by pretrain.py / sft.py, or an HF model directory
@@ -31,8 +32,9 @@ dtype = "auto"  # float32 on CPU (no fast bf16 there), bfloat16 on CUDA
 chat = False  # Moxin's chat template; one turn with --prompt, else an interactive conversation
 system = ""  # chat: an optional system message
 # ----------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-from configurator import configure  # noqa: E402
+from configurator import configure, settings  # noqa: E402
+
+config_keys = settings(globals())
 
 configure(globals(), config_keys)
 # ----------------------------------------------------------------

@@ -5,7 +5,7 @@ Supervised fine-tuning (SFT): teach a pre-trained model to chat.
     python sft.py --dataset=chats.jsonl --init_from=path/to/hf_model
     torchrun --nproc_per_node=8 sft.py config/sft_tulu3.py    # Moxin-7B instruct, FSDP2
 
-Each conversation is rendered in Moxin's (Tulu's) chat template by data.encode_chat,
+Each conversation is rendered in Moxin's (Tulu's) chat template by tokenizer.encode_chat,
     <|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n...</s>\\n
 and the loss is computed on the assistant replies and the EOS closing each of them only: the
 model learns to answer, and to stop, not to imitate the user. Everything else is pretrain.py's:
@@ -30,7 +30,6 @@ What ends up in out_dir: as for pretrain.py, checkpoints/, log.jsonl and final.p
 """
 import importlib
 import inspect
-import json
 import math
 import multiprocessing
 import os
@@ -39,13 +38,14 @@ import zlib
 from dataclasses import asdict
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
-from data import Tokenizer, encode_chat, ordered_map, read_jsonl
+from configurator import settings
+from data import ordered_map, read_jsonl
+from dataloader import ChatLoader
 from model import ModelArgs
-from pretrain import (UsageError, build_model, build_optimizer, launch, load_train_state, lr_at,
-                      read_init_weights, resume_checkpoint, train_loop)
+from tokenizer import Tokenizer, encode_chat
+from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
+                     launch, lm_loss, lr_at, read_init_weights, train_step)
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
 init_from = 'out/final.pt'     # the model to fine-tune: a .pt checkpoint of this project or an HF model dir
@@ -54,6 +54,9 @@ block_size = 256               # tokens per conversation; longer ones are cut (t
 # batch: one optimizer step sees batch_size * grad_accum * world_size conversations
 batch_size = 8                 # conversations per micro-batch per rank
 grad_accum = 2
+loss_reduction = 'mean'        # 'mean': each micro-batch's mean over its trained tokens weighs the same;
+                               # 'sum': every trained token of the step weighs the same (open-instruct's
+                               # --reduce_loss sum), normalised by the step's trained tokens over all ranks
 epochs = 6                     # passes over the data; sets the number of steps
 # optimizer and schedule: linear warmup, then linear decay to 0 (open-instruct's SFT schedule)
 lr = 2e-3                       # small models take large learning rates
@@ -74,8 +77,7 @@ keep_last = 2
 log_interval = 10
 export_hf = False              # also write {out_dir}/hf, an HF MistralForCausalLM directory
 workers = 1                    # processes (per rank) that tokenize the data; the Tulu mixtures want many
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None), list, tuple, dict))]
+config_keys = settings(globals())
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -217,83 +219,27 @@ def load_conversations(dataset, tokenizer, block_size, workers):
     return np.concatenate(kept_ids), np.concatenate(kept_mask), offsets, skipped
 
 
+def batch_mean_lm_loss(model, batch):
+    """loss_reduction='mean': the micro-batch's mean loss over its trained tokens, as one unit."""
+    loss_sum, n_tokens, _ = lm_loss(model, batch)
+    return loss_sum / n_tokens.clamp(min=1), 1, {}
+
+
 def _describe(skipped):
     return ', '.join(f"{n:,} skipped: {why}" for why, n in skipped.items())
 
 
-class ChatLoader:
-    """Micro-batches of whole conversations: (x, y) LongTensors [batch_size, T], T the longest
-    conversation in the batch (at most block_size), y = -1 wherever there is nothing to learn.
-
-    Padded, not packed: each row is one conversation, right-padded to the batch's longest with
-    target -1. Causal attention never looks right, so the padding cannot change what a real token
-    sees, and each conversation trains exactly as if alone; the loss is the mean over the batch's
-    assistant tokens, as in open-instruct. Packing several conversations into one row would waste
-    no compute on padding but needs an attention mask between them (model.py has none) so that one
-    cannot attend into another; at batch_size 1, as in the 7B configs, there is no padding at all.
-
-    Same contract as data.PackedLoader: an epoch visits every conversation once in a seeded
-    order, new each epoch; rank r of world_size takes every world_size-th, so ranks never overlap
-    and all take the same number of batches (the remainder of an epoch is dropped); state_dict()
-    resumes exactly.
-    """
-
-    def __init__(self, ids, mask, offsets, batch_size, rank=0, world_size=1, seed=0, pad_id=0):
-        self.ids, self.mask, self.offsets = ids, mask, offsets
-        self.batch_size, self.rank, self.world_size, self.seed, self.pad_id = batch_size, rank, world_size, seed, pad_id
-        self.conversations = len(offsets) - 1
-        self.steps_per_epoch = self.conversations // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise UsageError(f"{self.conversations} conversations cannot fill one batch of {batch_size} "
-                             f"on each of {world_size} ranks")
-        self.epoch, self.step, self._order_epoch = 0, 0, None
-
-    def next_batch(self):
-        if self.step == self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        if self._order_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.conversations)
-            self._order_epoch = self.epoch
-        first = self.step * self.batch_size * self.world_size
-        picked = self._order[first + self.rank:first + self.batch_size * self.world_size:self.world_size]
-        self.step += 1
-        spans = [slice(self.offsets[i], self.offsets[i + 1]) for i in picked]
-        T = max(s.stop - s.start for s in spans) - 1
-        x = torch.full((len(spans), T), self.pad_id, dtype=torch.long)
-        y = torch.full((len(spans), T), -1, dtype=torch.long)
-        for row, s in enumerate(spans):
-            ids, mask = torch.from_numpy(self.ids[s].astype(np.int64)), torch.from_numpy(self.mask[s])
-            n = len(ids) - 1
-            x[row, :n] = ids[:-1]
-            y[row, :n] = torch.where(mask[1:], ids[1:], -1)  # position t predicts token t + 1
-        return x, y
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
-                    batch_size=self.batch_size, conversations=self.conversations, tokens=len(self.ids))
-
-    def load_state_dict(self, state):
-        mine = self.state_dict()
-        for key in ('seed', 'world_size', 'batch_size', 'conversations', 'tokens'):
-            if state[key] != mine[key]:
-                raise UsageError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
-                                 f"same data and settings, or start a new out_dir")
-        self.epoch, self.step = state['epoch'], state['step']
-
-
 # ----------------------------------------------------------------------------- the run
 
-def train(config, rank, world_size, device):
+def main(rank, world_size, device):
     master = rank == 0
     t_start = time.time()
-    ckpt_root = os.path.join(out_dir, 'checkpoints')
 
     # ---- the model's shape and tokenizer: from our own checkpoint when resuming, else from init_from
-    resume_path = resume_checkpoint(resume, ckpt_root)
+    resume_path = find_checkpoint(resume, out_dir)
     init_state = None
     if resume_path:
-        with open(os.path.join(resume_path, 'meta.json')) as f:
-            saved = json.load(f)
+        saved = checkpoint_meta(resume_path)
         args, tokenizer_spec = ModelArgs(**saved['model_args']), saved['tokenizer']
     elif not os.path.exists(init_from):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo fine-tunes the demo "
@@ -315,33 +261,44 @@ def train(config, rank, world_size, device):
 
     # ---- the data, in full, before anything is built or written
     ids, mask, offsets, skipped = load_conversations(dataset, tokenizer, block_size, workers)
-    # padding positions are never attended to nor trained on: any token will do
-    loader = ChatLoader(ids, mask, offsets, batch_size, rank, world_size, seed, pad_id=tokenizer.eos_id)
+    try:  # padding positions are never attended to nor trained on: any token will do
+        loader = ChatLoader(ids, mask, offsets, batch_size, rank, world_size, seed, pad_id=tokenizer.eos_id)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if loss_reduction not in ('mean', 'sum'):
+        raise UsageError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+    loss_fn = lm_loss if loss_reduction == 'sum' else batch_mean_lm_loss
     max_steps = math.ceil(epochs * loader.steps_per_epoch / grad_accum)
     warmup_steps = int(warmup_ratio * max_steps)  # as open-instruct rounds it
 
+    # ---- model, optimizer, and where the run stands
     model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
     del init_state
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
-    step, tokens = load_train_state(resume_path, model, optimizer, loader) if resume_path else (0, 0)
+    config = {k: globals()[k] for k in config_keys}
+    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
+              log_interval, ckpt_interval, keep_last)
     if master:
-        origin = f"resumed from {resume_path}" if resume_path else f"init from {init_from}"
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {origin}, "
-              f"{world_size} x {device.type}{' (FSDP2)' if dist.is_initialized() else ''}")
+        print(describe_model(model, f"resumed from {resume_path}" if resume_path else f"init from {init_from}",
+                             world_size, device))
         print(f"data: {dataset}: {loader.conversations:,} conversations, {len(ids):,} tokens, "
               f"{mask.sum() / len(ids):.0%} of them trained on; {_describe(skipped)}")
         print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
               f"{batch_size * grad_accum * world_size} conversations; {epochs} epochs = {max_steps} steps, "
               f"{warmup_steps} of warmup, then linear decay to 0")
+    run.start(model, optimizer, loader, resume_path, max_steps, 'sft')
 
-    step, tokens = train_loop(model, optimizer, loader, device, config, max_steps,
-                              lambda s: lr_at(s, lr, warmup_steps, max_steps, min_lr_ratio=0.0, decay='linear'),
-                              tokenizer, {'model_args': asdict(args), 'world_size': world_size, 'config': config},
-                              step, tokens, desc='sft')
+    # ---- the loop
+    while run.step < max_steps:
+        step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio=0.0, decay='linear')
+        batches = [loader.next_batch() for _ in range(grad_accum)]
+        run.end_step(train_step(model, optimizer, batches, loss_fn, step_lr, grad_clip), step_lr)
+
+    run.finish(tokenizer, with_hf=export_hf)
     if master:
-        print(f"done: {step} steps, {tokens:,} tokens in {time.time() - t_start:.0f}s; wrote {out_dir}/final.pt. "
+        print(f"done: {run.step} steps, {run.tokens:,} tokens in {time.time() - t_start:.0f}s; wrote {out_dir}/final.pt. "
               f"Try: python sample.py --ckpt {out_dir}/final.pt --chat")
 
 
 if __name__ == '__main__':
-    launch(train, globals(), config_keys)
+    launch(main, globals(), config_keys)

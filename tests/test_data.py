@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import data
-from data import DEFAULTS, Dedup, MinHash, PackedLoader, Preparer, Tokenizer, build, encode_chat, long_enough
+from data import DEFAULTS, Dedup, MinHash, Preparer, build, long_enough
+from dataloader import PackedLoader
+from tokenizer import Tokenizer, encode_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

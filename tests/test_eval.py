@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import eval as ev
-from data import Tokenizer
-from model import Transformer, load_model, model_args
+from tokenizer import Tokenizer
+from model import Transformer, model_args
+from weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "fixtures" / "eval"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model as M
+import weights as W
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +61,7 @@ def tiny(**overrides):
 @torch.no_grad()
 def test_matches_hf_mistral_with_sliding_window(tmp_path):
     hf = hf_mistral(tmp_path)
-    model, spec = M.load_model(str(tmp_path))
+    model, spec = W.load_model(str(tmp_path))
     assert model.args.sliding_window == 8 and model.args.rope_theta == 5000.0
     idx = torch.randint(0, 300, (2, 40))  # 5x the window: the band matters
     diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
@@ -75,7 +76,7 @@ def test_matches_hf_llama_with_tied_embeddings(tmp_path):
                                    tie_word_embeddings=True, rope_theta=500000.0, attn_implementation="eager")
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path)
-    model, _ = M.load_model(str(tmp_path))
+    model, _ = W.load_model(str(tmp_path))
     assert model.output is None and model.args.sliding_window is None
     idx = torch.randint(0, 300, (2, 33))
     diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
@@ -155,7 +156,7 @@ def test_meta_device_moxin_7b_parameter_count():
 @torch.no_grad()
 def test_greedy_generate_matches_hf(tmp_path):
     hf = hf_mistral(tmp_path)
-    model, _ = M.load_model(str(tmp_path))
+    model, _ = W.load_model(str(tmp_path))
     prompt = torch.randint(3, 300, (19,)).tolist()  # longer than the window of 8
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
@@ -166,12 +167,12 @@ def test_greedy_generate_matches_hf(tmp_path):
 @torch.no_grad()
 def test_export_hf_roundtrip(tmp_path):
     model = tiny()
-    M.export_hf(model, tmp_path / "hf", dtype=torch.float32, max_shard_bytes=40_000)  # force several shards
+    W.export_hf(model, tmp_path / "hf", dtype=torch.float32, max_shard_bytes=40_000)  # force several shards
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     idx = torch.randint(0, 256, (2, 30))
     assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
-    again, _ = M.load_model(str(tmp_path / "hf"))  # and back through our sharded loader
+    again, _ = W.load_model(str(tmp_path / "hf"))  # and back through our sharded loader
     assert (again(idx)[0] - model(idx)[0]).abs().max().item() == 0
 
 
@@ -181,7 +182,7 @@ def test_consolidated_interleaved_rope(tmp_path):
     from safetensors.torch import save_file
 
     hf = hf_mistral(tmp_path / "hf")
-    model, _ = M.load_model(str(tmp_path / "hf"))
+    model, _ = W.load_model(str(tmp_path / "hf"))
     a = model.args
 
     def to_interleaved(w, n):  # inverse of the load-time permutation, written independently
@@ -203,7 +204,7 @@ def test_consolidated_interleaved_rope(tmp_path):
                   n_kv_heads=a.n_kv_heads, norm_eps=a.norm_eps, vocab_size=a.vocab_size, rope_theta=a.rope_theta,
                   sliding_window=a.sliding_window)
     (out / "params.json").write_text(json.dumps(params))
-    loaded, _ = M.load_model(str(out))
+    loaded, _ = W.load_model(str(out))
     idx = torch.randint(0, 300, (1, 20))
     assert (loaded(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
 
@@ -211,31 +212,31 @@ def test_consolidated_interleaved_rope(tmp_path):
 def test_checkpoint_roundtrip_weights_only(tmp_path):
     model = tiny()
     path = tmp_path / "ckpt.pt"
-    M.save_checkpoint(str(path), model, "mistral", step=7)
+    W.save_checkpoint(str(path), model, "mistral", step=7)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 7 and ckpt["tokenizer"] == "mistral"
-    loaded, spec = M.load_model(str(path))
+    loaded, spec = W.load_model(str(path))
     idx = torch.randint(0, 256, (1, 9))
     assert torch.equal(loaded(idx)[0], model(idx)[0]) and spec == "mistral"
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(M.ModelLoadError, match="not found"):
-        M.load_model(str(tmp_path / "nope.pt"))
+    with pytest.raises(W.ModelLoadError, match="not found"):
+        W.load_model(str(tmp_path / "nope.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_text("hello")
-    with pytest.raises(M.ModelLoadError, match="not a checkpoint"):
-        M.load_model(str(junk))
+    with pytest.raises(W.ModelLoadError, match="not a checkpoint"):
+        W.load_model(str(junk))
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(M.ModelLoadError, match="not a checkpoint of this project"):
-        M.load_model(str(tmp_path / "other.pt"))
+    with pytest.raises(W.ModelLoadError, match="not a checkpoint of this project"):
+        W.load_model(str(tmp_path / "other.pt"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(M.ModelLoadError, match="no config.json"):
-        M.load_model(str(tmp_path / "empty"))
+    with pytest.raises(W.ModelLoadError, match="no config.json"):
+        W.load_model(str(tmp_path / "empty"))
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(M.ModelLoadError, match="unsupported architecture GPT2LMHeadModel"):
-        M.load_model(str(gpt2))
+    with pytest.raises(W.ModelLoadError, match="unsupported architecture GPT2LMHeadModel"):
+        W.load_model(str(gpt2))
     with pytest.raises(ValueError, match="unknown model preset"):
         M.model_args("moxin-70b")

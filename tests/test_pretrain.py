@@ -14,10 +14,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pretrain  # noqa: E402  (importing it runs nothing: the run is under __main__)
+import trainer  # noqa: E402
 from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
-from data import Tokenizer  # noqa: E402
-from model import Transformer, generate, load_model, model_args  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from model import Transformer, generate, model_args  # noqa: E402
+from weights import load_model  # noqa: E402
 
 STEPS = 24
 # global batch 4 x 2 x 1 = 8 sequences; the torchrun test uses 2 x 2 x 2
@@ -65,7 +66,7 @@ def reference(data_dir, tmp_path_factory):
 
 def test_lr_schedule():
     peak, warmup, total = 3e-4, 100, 1100
-    lr = lambda step: pretrain.lr_at(step, peak, warmup, total, min_lr_ratio=0.1)
+    lr = lambda step: trainer.lr_at(step, peak, warmup, total, min_lr_ratio=0.1)
     assert lr(0) == pytest.approx(peak / 100)
     assert lr(warmup - 1) == pytest.approx(peak)  # warmup ends at the peak
     assert lr(warmup + 500) == pytest.approx(3e-5 + 0.5 * (3e-4 - 3e-5))  # half-way through the cosine: the midpoint
@@ -76,7 +77,7 @@ def test_lr_schedule():
 
 def test_weight_decay_only_on_matrices():
     model = Transformer(model_args('tiny'))
-    opt = pretrain.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device('cpu'))
+    opt = trainer.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device('cpu'))
     decayed = {id(p) for g in opt.param_groups if g['weight_decay'] == 0.1 for p in g['params']}
     plain = {id(p) for g in opt.param_groups if g['weight_decay'] == 0.0 for p in g['params']}
     for name, p in model.named_parameters():

@@ -15,11 +15,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pretrain  # noqa: E402
-import sft  # noqa: E402  (importing it runs nothing: the run is under __main__)
+import trainer  # noqa: E402
+import sft  # noqa: E402
+from dataloader import ChatLoader  # noqa: E402  (importing it runs nothing: the run is under __main__)
 from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
-from data import Tokenizer, encode_chat  # noqa: E402
-from model import Transformer, model_args, save_checkpoint  # noqa: E402
+from tokenizer import Tokenizer, encode_chat  # noqa: E402
+from model import Transformer, model_args  # noqa: E402
+from weights import save_checkpoint  # noqa: E402
 
 
 # what the tiny model learns by heart; the sample test asks some of the first user turns again
@@ -89,7 +91,7 @@ def test_targets_cover_exactly_the_assistant_replies(mistral):
     ids, mask = encode_chat(mistral, conversation)
     short_ids, short_mask = encode_chat(mistral, CHATS[2])
     offsets = [0, len(ids), len(ids) + len(short_ids)]
-    loader = sft.ChatLoader(np.array(ids + short_ids), np.array(mask + short_mask, dtype=bool), offsets,
+    loader = ChatLoader(np.array(ids + short_ids), np.array(mask + short_mask, dtype=bool), offsets,
                             batch_size=2, pad_id=mistral.eos_id)
     x, y = loader.next_batch()
     assert x.shape == y.shape == (2, len(ids) - 1)  # padded to the longer conversation
@@ -124,7 +126,7 @@ def test_loss_is_the_mean_over_assistant_tokens(mistral):
     offsets = [0]
     for ids, _ in encoded:
         offsets.append(offsets[-1] + len(ids))
-    loader = sft.ChatLoader(np.array(flat_ids), np.array(flat_mask, dtype=bool), offsets, batch_size=3,
+    loader = ChatLoader(np.array(flat_ids), np.array(flat_mask, dtype=bool), offsets, batch_size=3,
                             pad_id=mistral.eos_id)
     x, y = loader.next_batch()
     _, loss = model(x, targets=y)
@@ -148,27 +150,27 @@ def test_loader_epochs_ranks_and_resume():
     mask = np.ones(40, dtype=bool)
     offsets = list(range(0, 41, 4))
     first = lambda x: sorted(((x[:, 0] - 1) // 4).tolist())
-    loader = sft.ChatLoader(ids, mask, offsets, batch_size=2, seed=5)
+    loader = ChatLoader(ids, mask, offsets, batch_size=2, seed=5)
     epoch = [first(loader.next_batch()[0]) for _ in range(5)]
     assert sorted(c for batch in epoch for c in batch) == list(range(10))  # each conversation once
     assert [first(loader.next_batch()[0]) for _ in range(5)] != epoch  # a new order next epoch
     # two ranks of batch 2 share out the batches of one rank of batch 4
-    single = sft.ChatLoader(ids, mask, offsets, batch_size=4, seed=5)
-    ranks = [sft.ChatLoader(ids, mask, offsets, batch_size=2, rank=r, world_size=2, seed=5) for r in range(2)]
+    single = ChatLoader(ids, mask, offsets, batch_size=4, seed=5)
+    ranks = [ChatLoader(ids, mask, offsets, batch_size=2, rank=r, world_size=2, seed=5) for r in range(2)]
     for _ in range(4):
         assert first(single.next_batch()[0]) == sorted(first(ranks[0].next_batch()[0]) + first(ranks[1].next_batch()[0]))
     # state_dict resumes exactly
     state = ranks[1].state_dict()
     expected = [ranks[1].next_batch()[0] for _ in range(3)]
-    resumed = sft.ChatLoader(ids, mask, offsets, batch_size=2, rank=1, world_size=2, seed=5)
+    resumed = ChatLoader(ids, mask, offsets, batch_size=2, rank=1, world_size=2, seed=5)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert all(torch.equal(a, resumed.next_batch()[0]) for a in expected)
-    with pytest.raises(pretrain.UsageError, match='conversations: the checkpoint has 10, this run 9'):
-        sft.ChatLoader(ids[:36], mask[:36], offsets[:10], batch_size=2, rank=1, world_size=2, seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match='conversations: the checkpoint has 10, this run 9'):
+        ChatLoader(ids[:36], mask[:36], offsets[:10], batch_size=2, rank=1, world_size=2, seed=5).load_state_dict(state)
 
 
 def test_linear_schedule():
-    lr = lambda step: pretrain.lr_at(step, 5e-6, 3, 103, min_lr_ratio=0.0, decay='linear')
+    lr = lambda step: trainer.lr_at(step, 5e-6, 3, 103, min_lr_ratio=0.0, decay='linear')
     assert [lr(s) for s in range(3)] == pytest.approx([5e-6 / 3, 5e-6 * 2 / 3, 5e-6])
     assert lr(53) == pytest.approx(2.5e-6) and lr(103) == 0.0
     assert lr(3) == 5e-6 and all(lr(s) > lr(s + 1) for s in range(3, 103))
@@ -194,7 +196,7 @@ def test_worker_processes_encode_the_same(mistral, tmp_path):
     assert one[3] == two[3] == {'no assistant turn': 40, 'no reply within block_size': 40}
     with open(path, 'a') as f:
         f.write(json.dumps({'messages': [{'role': 'bot', 'content': 'hi'}]}) + '\n')
-    with pytest.raises(pretrain.UsageError, match="many.jsonl:321: message 0: expected"):
+    with pytest.raises(trainer.UsageError, match="many.jsonl:321: message 0: expected"):
         sft.load_conversations(str(path), mistral, 64, workers=2)
 
 

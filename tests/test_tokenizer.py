@@ -1,4 +1,4 @@
-"""data.Tokenizer against independent implementations: Mistral's own mistral-common,
+"""tokenizer.Tokenizer against independent implementations: Mistral's own mistral-common,
 HF transformers, and tiktoken/tokenizers objects built in the test."""
 import importlib.resources
 import json
@@ -8,7 +8,7 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers, processors, trainers, decoders
 
-from data import Tokenizer
+from tokenizer import Tokenizer
 
 MISTRAL_MODEL = str(importlib.resources.files('mistral_common') / 'data' / 'tokenizer.model.v1')
 PROSE = ["Hello world", "The quick brown fox jumps over the lazy dog.", "héllo 日本語 🤖 naïve café",

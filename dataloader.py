@@ -1,0 +1,143 @@
+"""
+Batches for training, read from what data.py and sft.py prepare, each resumable exactly.
+
+    PackedLoader(data_dir, split, ...)   pre-training: block_size + 1 token windows of the shards,
+                                         packed across document boundaries
+    ChatLoader(ids, mask, offsets, ...)  fine-tuning: whole conversations, right-padded, with
+                                         targets -1 wherever there is nothing to learn
+
+Both share one contract: next_batch() -> (x, y) LongTensors; an epoch visits every window or
+conversation once in a seeded order that is new each epoch; rank r of world_size takes every
+world_size-th, so ranks never overlap and all take the same number of batches (the remainder of
+an epoch is dropped); state_dict() / load_state_dict() resume exactly where a run stopped.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+
+class PackedLoader:
+    """Batches of consecutive block_size+1 token windows, packed across document boundaries.
+
+    An epoch visits every window of the split once: shards in a seeded order, windows within
+    each shard in a seeded order, both new each epoch. Rank r of world_size takes every
+    world_size-th window of that sequence, so ranks never overlap; all ranks take the same
+    number of batches per epoch (the remainder is dropped) and their state is identical.
+    """
+
+    def __init__(self, data_dir, split, block_size, batch_size, rank=0, world_size=1, seed=0):
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"{meta_path} not found: build the data with `python data.py` first (or wait for it to finish)")
+        meta = json.load(open(meta_path))
+        paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_[0-9][0-9][0-9][0-9].bin')))
+        if not paths:
+            raise ValueError(f"{data_dir} has no {split}_NNNN.bin shards")
+        self.shards = [np.memmap(p, dtype=meta['dtype'], mode='r') for p in paths]
+        self.windows = np.array([(len(s) - 1) // block_size for s in self.shards])
+        self.block_size, self.batch_size, self.rank, self.world_size, self.seed = block_size, batch_size, rank, world_size, seed
+        self.steps_per_epoch = int(self.windows.sum()) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{data_dir} {split}: {self.windows.sum()} windows of {block_size + 1} tokens "
+                             f"cannot fill one batch of {batch_size} on each of {world_size} ranks")
+        self.epoch, self.step = 0, 0
+        self._cached_epoch = self._cached_shard = None
+
+    def _window(self, position):
+        """The (shard, first token) of the position-th window of this epoch's sequence."""
+        if self._cached_epoch != self.epoch:
+            self._shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+            self._ends = np.cumsum(self.windows[self._shard_order])
+            self._cached_epoch, self._cached_shard = self.epoch, None
+        j = int(np.searchsorted(self._ends, position, side='right'))
+        shard = int(self._shard_order[j])
+        if self._cached_shard != shard:  # positions come in order: one shard's permutation at a time
+            self._window_order = np.random.default_rng([self.seed, self.epoch, shard]).permutation(self.windows[shard])
+            self._cached_shard = shard
+        return shard, int(self._window_order[position - (self._ends[j] - self.windows[shard])]) * self.block_size
+
+    def next_batch(self):
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        first = self.step * self.batch_size * self.world_size
+        rows = []
+        for b in range(self.batch_size):
+            shard, start = self._window(first + b * self.world_size + self.rank)
+            rows.append(self.shards[shard][start:start + self.block_size + 1])
+        self.step += 1
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
+                    block_size=self.block_size, batch_size=self.batch_size, windows=self.windows.tolist())
+
+    def load_state_dict(self, state):
+        for key in ('seed', 'world_size', 'block_size', 'batch_size', 'windows'):
+            if state[key] != self.state_dict()[key]:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {self.state_dict()[key]!r}; "
+                                 f"cannot resume exactly")
+        self.epoch, self.step = state['epoch'], state['step']
+
+
+class ChatLoader:
+    """Micro-batches of whole conversations: (x, y) LongTensors [batch_size, T], T the longest
+    conversation in the batch (at most block_size), y = -1 wherever there is nothing to learn.
+
+    Padded, not packed: each row is one conversation, right-padded to the batch's longest with
+    target -1. Causal attention never looks right, so the padding cannot change what a real token
+    sees, and each conversation trains exactly as if alone; the loss is the mean over the batch's
+    assistant tokens, as in open-instruct. Packing several conversations into one row would waste
+    no compute on padding but needs an attention mask between them (model.py has none) so that one
+    cannot attend into another; at batch_size 1, as in the 7B configs, there is no padding at all.
+
+    Same contract as data.PackedLoader: an epoch visits every conversation once in a seeded
+    order, new each epoch; rank r of world_size takes every world_size-th, so ranks never overlap
+    and all take the same number of batches (the remainder of an epoch is dropped); state_dict()
+    resumes exactly.
+    """
+
+    def __init__(self, ids, mask, offsets, batch_size, rank=0, world_size=1, seed=0, pad_id=0):
+        self.ids, self.mask, self.offsets = ids, mask, offsets
+        self.batch_size, self.rank, self.world_size, self.seed, self.pad_id = batch_size, rank, world_size, seed, pad_id
+        self.conversations = len(offsets) - 1
+        self.steps_per_epoch = self.conversations // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.conversations} conversations cannot fill one batch of {batch_size} "
+                             f"on each of {world_size} ranks")
+        self.epoch, self.step, self._order_epoch = 0, 0, None
+
+    def next_batch(self):
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.conversations)
+            self._order_epoch = self.epoch
+        first = self.step * self.batch_size * self.world_size
+        picked = self._order[first + self.rank:first + self.batch_size * self.world_size:self.world_size]
+        self.step += 1
+        spans = [slice(self.offsets[i], self.offsets[i + 1]) for i in picked]
+        T = max(s.stop - s.start for s in spans) - 1
+        x = torch.full((len(spans), T), self.pad_id, dtype=torch.long)
+        y = torch.full((len(spans), T), -1, dtype=torch.long)
+        for row, s in enumerate(spans):
+            ids, mask = torch.from_numpy(self.ids[s].astype(np.int64)), torch.from_numpy(self.mask[s])
+            n = len(ids) - 1
+            x[row, :n] = ids[:-1]
+            y[row, :n] = torch.where(mask[1:], ids[1:], -1)  # position t predicts token t + 1
+        return x, y
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
+                    batch_size=self.batch_size, conversations=self.conversations, tokens=len(self.ids))
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ('seed', 'world_size', 'batch_size', 'conversations', 'tokens'):
+            if state[key] != mine[key]:
+                raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
+                                 f"same data and settings, or start a new out_dir")
+        self.epoch, self.step = state['epoch'], state['step']

@@ -1,0 +1,511 @@
+"""
+The training machinery every stage shares. pretrain.py, sft.py, dpo.py and grpo.py each read
+their own data and define their own loss; the rest is here, in the order a run uses it:
+
+    launch(main, globals(), keys)    read the config, join torchrun's process group, run main();
+                                     bad input (UsageError) -> one line on stderr, exit code 2
+    read_init_weights, build_model   the starting weights; the model, sharded with FSDP2 under torchrun
+    build_optimizer, lr_at           AdamW (decay on matrices only); warmup + cosine/linear decay
+    train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip)
+                                     one optimizer step over grad_accum micro-batches
+    find_checkpoint, Run             out_dir: log.jsonl, resumable checkpoints, signals, final.pt
+
+A loss function is `loss_fn(model, batch) -> (loss_sum, units, metrics)`: the sum of the loss
+over the batch's units (tokens for a language-model loss, pairs for DPO), their number, and a
+dict of other sums to log per unit. train_step divides by the units of the whole step, over every
+micro-batch and rank, so an optimizer step is the same whatever the world size and accumulation
+(torchtitan normalises by the global token count the same way). A batch is a tuple whose first
+element is the input ids [B, T]: that is what the tokens/s and MFU counts read.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from configurator import configure
+from model import ModelArgs, Transformer
+from weights import ModelLoadError, export_hf, load_model, save_checkpoint
+
+# DCP warns on every single-process save/load that no process group exists; that is intended here
+warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
+
+
+class UsageError(ValueError):
+    """Bad input the user can fix; reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+def setup_distributed():
+    """-> (rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them, one plain process."""
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if torch.cuda.is_available():
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl', device_id=device)
+    else:
+        device = torch.device('cpu')
+        dist.init_process_group('gloo')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def launch(main, script_globals, keys):
+    """Run a training script: apply its config file and --key=value overrides to its settings
+    (the globals named by keys, see configurator.py), join the process group when under torchrun,
+    call main(rank, world_size, device), and turn a UsageError into one line and exit code 2."""
+    configure(script_globals, keys)
+    rank, world_size, device = setup_distributed()
+    try:
+        main(rank, world_size, device)
+    except UsageError as e:
+        if rank == 0:
+            print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the model
+
+def read_init_weights(path, rank, world_size):
+    """Read a .pt checkpoint or HF model dir to start from (weights.load_model) on rank 0 only.
+    -> (ModelArgs, full state dict on rank 0 and {} elsewhere, tokenizer spec), ready for build_model.
+    Bad input raises UsageError on every rank, so no rank is left waiting for the others."""
+    payload, state = [None], {}
+    if rank == 0:
+        try:
+            source, tokenizer_spec = load_model(path)
+            payload, state = [(asdict(source.args), tokenizer_spec)], source.state_dict()
+        except ModelLoadError as e:
+            payload = [str(e)]
+    if world_size > 1:
+        dist.broadcast_object_list(payload)
+    if isinstance(payload[0], str):
+        raise UsageError(payload[0])
+    args, tokenizer_spec = payload[0]
+    return ModelArgs(**args), state, tokenizer_spec
+
+
+def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False):
+    """
+    Build the Transformer on the meta device (no memory), then materialise it.
+    init_state: a full state dict to start from (on rank 0; other ranks pass {}), or None for random init.
+
+    Under torchrun each block, then the root, is wrapped with FSDP2's fully_shard: a block's
+    weights are all-gathered just before it runs and freed after, gradients are reduce-scattered.
+    On CUDA the shards are materialised directly, so a 7B model never exists whole on one GPU;
+    compute runs in bf16 while the weights, gradient reduction and optimizer stay in fp32.
+    On CPU (small models, tests) every rank first builds the whole model from the same seed and
+    then shards it, so the initial weights, and hence the losses, do not depend on world_size.
+    """
+    with torch.device('meta'):
+        model = Transformer(args)
+    for block in model.layers:
+        if activation_checkpointing:
+            # keep only each block's input; its activations are recomputed during backward
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        if compile:
+            block.compile()
+
+    def materialise():
+        model.to_empty(device=device)
+        torch.manual_seed(seed)
+        model.init_weights()
+
+    sharded = dist.is_initialized()
+    if sharded and device.type == 'cuda':
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        materialise()
+    elif sharded:
+        materialise()
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    else:
+        materialise()
+    if init_state is not None:
+        # rank 0 holds the full weights; each rank receives just its shards
+        set_model_state_dict(model, init_state, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=sharded))
+    return model
+
+
+def autocast_context(device):
+    """bf16 compute for a plain single-GPU run (FSDP's MixedPrecisionPolicy does it under torchrun)."""
+    if device.type == 'cuda' and not dist.is_initialized():
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def describe_model(model, origin, world_size, device):
+    return (f"model: {model.num_params() / 1e6:.1f}M parameters, {origin}, "
+            f"{world_size} x {device.type}{' (FSDP2)' if dist.is_initialized() else ''}")
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def build_optimizer(model, lr, weight_decay, betas, eps, device):
+    """AdamW; weight decay on matrices (embeddings, linear weights) only, never on norm gains."""
+    params = list(model.parameters())
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == 'cuda')
+
+
+def lr_at(step, peak_lr, warmup_steps, max_steps, min_lr_ratio=0.1, decay='cosine'):
+    """LR for optimizer step `step` (0-based): linear warmup to peak_lr over warmup_steps,
+    then a decay that reaches min_lr_ratio * peak_lr at max_steps: 'cosine' (pre-training)
+    or 'linear' (open-instruct's fine-tuning schedule, used by sft.py and dpo.py)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == 'cosine' else 1 - progress
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * shape)
+
+
+def lm_loss(model, batch):
+    """Next-token cross-entropy summed over the target tokens (y = -1: not trained on)."""
+    x, y = batch
+    logits, _ = model(x)
+    loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction='sum')
+    return loss_sum, (y != -1).sum(), {}
+
+
+def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip):
+    """
+    One optimizer step: forward/backward each micro-batch, normalise by the step's units over
+    all micro-batches and ranks, clip, update. Returns the floats to log: loss and grad_norm,
+    each metric of loss_fn per unit, and tokens / flops / seconds for the throughput counts.
+    A NaN/inf loss or grad norm skips the update, so the weights stay at their last good values.
+    """
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    sums = {}  # loss_sum, units, metric sums, tokens, flops: one all-reduce for all of them
+    for batch in micro_batches:
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        with autocast_context(device):
+            loss_sum, units, metrics = loss_fn(model, batch)
+        loss_sum.backward()  # the sum's gradient; divided by the step's units below
+        x = batch[0]
+        for key, value in {'loss': loss_sum.detach(), 'units': units, **metrics, 'tokens': x.numel(),
+                           'flops': flops_per_token(model.args, x.shape[1]) * x.numel()}.items():
+            sums[key] = sums.get(key, 0) + torch.as_tensor(value, dtype=torch.float64, device=device)
+    keys = list(sums)
+    totals = torch.stack([sums[k] for k in keys])
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size > 1:
+        dist.all_reduce(totals)
+    totals = dict(zip(keys, totals.tolist()))
+    units = max(totals.pop('units'), 1.0)
+    # FSDP averages gradients over ranks: x world_size / units turns that into the sum / units
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(world_size / units)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()  # the norm over every rank's shards: the same on all ranks
+    stats = {k: v / units for k, v in totals.items() if k not in ('tokens', 'flops')}
+    stats.update(grad_norm=grad_norm.item(), tokens=totals['tokens'], flops=totals['flops'])
+    if math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']):
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats['seconds'] = time.perf_counter() - t0
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, loader, n_batches, device):
+    """Mean loss over n_batches micro-batches from `loader`, averaged over ranks."""
+    total = torch.zeros((), device=device)
+    for _ in range(n_batches):
+        x, y = loader.next_batch()
+        with autocast_context(device):
+            _, loss = model(x.to(device), targets=y.to(device))
+        total += loss
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total.item() / n_batches
+
+
+# ----------------------------------------------------------------------------- throughput
+
+def flops_per_token(args, seq_len):
+    """Training FLOPs per token: 6 per weight (2 forward + 4 backward) for every matmul weight,
+    plus the attention scores and weighted sum, 12 * layers * heads * head_dim * context
+    (the PaLM paper's appendix B count). The embedding lookup is not a matmul; a tied
+    output head still is."""
+    a = args
+    attn = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)  # wq, wo, wk, wv
+    ffn = 3 * a.dim * a.hidden_dim
+    matmul_params = a.n_layers * (attn + ffn) + a.vocab_size * a.dim
+    context = min(seq_len, a.sliding_window or seq_len)
+    return 6 * matmul_params + 12 * a.n_layers * a.n_heads * a.head_dim * context
+
+
+# dense bf16 tensor-core peaks from the vendors' datasheets, by a part of torch.cuda.get_device_name()
+# (the first match wins: the PCIe and NVL parts before the SXM one)
+GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+
+def datasheet_peak(device_name):
+    """The dense bf16 peak FLOP/s of a GPU by its name, or None for a GPU not in the table."""
+    return next((peak for part, peak in GPU_PEAK_FLOPS.items() if part in device_name), None)
+
+
+def peak_flops(device):
+    """Peak FLOP/s of one rank: the datasheet for known GPUs, else a big matmul measured now
+    (float32 on CPU, which is what CPU runs compute in)."""
+    if device.type == 'cuda' and datasheet_peak(torch.cuda.get_device_name(device)):
+        return datasheet_peak(torch.cuda.get_device_name(device))
+    n, dtype = (2048, torch.float32) if device.type == 'cpu' else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float('inf')
+    for _ in range(5):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(ckpt_root):
+    """The newest complete checkpoint directory under ckpt_root, or None."""
+    if not os.path.isdir(ckpt_root):
+        return None
+    done = sorted(d for d in os.listdir(ckpt_root)
+                  if d.startswith('step_') and os.path.exists(os.path.join(ckpt_root, d, 'meta.json')))
+    return os.path.join(ckpt_root, done[-1]) if done else None
+
+
+def find_checkpoint(resume, out_dir):
+    """The checkpoint a run starts from: for 'auto' the newest complete one under out_dir (None
+    if there is none), else the given directory, which must be a complete checkpoint."""
+    if resume == 'auto':
+        return latest_checkpoint(os.path.join(out_dir, 'checkpoints'))
+    if not os.path.exists(os.path.join(resume, 'meta.json')):
+        raise UsageError(f"resume={resume}: not a complete checkpoint directory (no meta.json)")
+    return resume
+
+
+def checkpoint_meta(path):
+    """What a checkpoint records besides the tensors (model_args, tokenizer, config, step, ...)."""
+    with open(os.path.join(path, 'meta.json')) as f:
+        return json.load(f)
+
+
+def _rank_state(user_state):
+    state = {'rng_cpu': torch.get_rng_state(), 'user': json.dumps(user_state)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['rng_cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def _write_json_atomic(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+class Run:
+    """
+    One training run: where it stands (step, tokens), what it keeps in out_dir, and what happens
+    between its steps.
+
+        log.jsonl                    one JSON record per log interval, per evaluation, per report
+        checkpoints/step_NNNNNNNN/   resumable state (torch.distributed.checkpoint: each rank writes
+                                     its own shards); meta.json is written last, so a directory
+                                     without it is an interrupted save and is ignored on resume
+        final.pt                     the trained weights in one file (weights.save_checkpoint)
+
+    meta is what every checkpoint records beside the tensors (model_args, tokenizer, config).
+    A stage's loop is: while run.step < max_steps: stats = train_step(...); run.end_step(stats, lr).
+    SIGINT/SIGTERM ask the run to stop: end_step finishes the step, saves, and exits 128 + the
+    signal. A second SIGTERM is ignored (torchrun and SLURM may each deliver one); a second
+    Ctrl-C stops at once.
+    """
+
+    def __init__(self, out_dir, meta, log_interval=10, ckpt_interval=100, keep_last=2):
+        self.out_dir, self.meta = out_dir, meta
+        self.log_interval, self.ckpt_interval, self.keep_last = log_interval, ckpt_interval, keep_last
+        self.ckpt_root = os.path.join(out_dir, 'checkpoints')
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.master = self.rank == 0
+        self.step = self.tokens = 0
+        self.signal_received = 0
+        self.pbar = None
+
+    def start(self, model, optimizer, loader, resume_path, max_steps, desc):
+        """Begin (or, from resume_path, continue) training `model`: restore the checkpoint, open
+        log.jsonl, catch SIGINT/SIGTERM, show a progress bar. -> (step, tokens) it starts from."""
+        self.model, self.optimizer, self.loader, self.max_steps = model, optimizer, loader, max_steps
+        self.device = next(model.parameters()).device
+        if resume_path:
+            self._load(resume_path)
+        self.t_start = time.time()
+        self.peak = peak_flops(self.device) * self.world_size
+        self.busy = {'seconds': 0.0, 'tokens': 0.0, 'flops': 0.0}  # since the last log line
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        if self.master:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.log_file = open(os.path.join(self.out_dir, 'log.jsonl'), 'a')
+            print(f"peak: {self.peak / 1e12:.2f} TFLOP/s over {self.world_size} rank(s) "
+                  f"({'datasheet' if self.device.type == 'cuda' else 'measured float32 matmul'})")
+        self.pbar = tqdm(total=max_steps, initial=self.step, disable=not self.master, dynamic_ncols=True, desc=desc)
+        return self.step, self.tokens
+
+    def _on_signal(self, signum, frame):
+        if self.signal_received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
+        self.signal_received = self.signal_received or signum
+
+    def log(self, record, line=None):
+        """One record to log.jsonl and one line to the terminal (rank 0 only)."""
+        if self.master:
+            self.log_file.write(json.dumps(record) + '\n')
+            self.log_file.flush()
+            if line:
+                tqdm.write(line)
+
+    def end_step(self, stats, lr):
+        """After each optimizer step (stats from train_step): count it, stop the run when its
+        loss or grad norm is not finite (exit 1, saving nothing: the newest checkpoint stays
+        good), log every log_interval steps, stop on a signal, checkpoint every ckpt_interval."""
+        self.step += 1
+        self.tokens += int(stats['tokens'])
+        for key in self.busy:
+            self.busy[key] += stats[key]
+        self.pbar.update()
+        if not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm'])):
+            if self.master:
+                self.pbar.close()
+                print(f"error: step {self.step}: loss {stats['loss']}, grad norm {stats['grad_norm']}: training "
+                      f"diverged, stopping without saving; the newest good checkpoint is "
+                      f"{latest_checkpoint(self.ckpt_root)} (lower lr or raise warmup_steps, then resume from it)",
+                      file=sys.stderr)
+            sys.exit(1)
+        if self.step % self.log_interval == 0 or self.step == self.max_steps:
+            self._log_step(stats, lr)
+        signum = self._signalled()
+        if signum:
+            self.save()
+            if self.master:
+                self.pbar.close()
+                print(f"stopped by signal {signum} at step {self.step}; checkpoint saved, "
+                      f"run the same command again to resume")
+            sys.exit(128 + signum)
+        if self.step % self.ckpt_interval == 0:
+            self.save()
+
+    def _log_step(self, stats, lr):
+        """The step's numbers, with tokens/s and MFU over the steps since the last log line."""
+        busy, self.busy = self.busy, dict.fromkeys(self.busy, 0.0)
+        tokens_per_s, mfu = busy['tokens'] / busy['seconds'], busy['flops'] / busy['seconds'] / self.peak
+        logged = {k: v for k, v in stats.items() if k not in ('tokens', 'flops', 'seconds')}
+        extra = ''.join(f" | {k} {v:.4f}" for k, v in logged.items() if k not in ('loss', 'grad_norm'))
+        self.log({'step': self.step, **logged, 'lr': lr, 'tokens': self.tokens, 'tokens_per_s': tokens_per_s,
+                  'mfu': mfu, 'time': time.time() - self.t_start},
+                 f"step {self.step}: loss {stats['loss']:.4f}{extra} | lr {lr:.2e} | grad norm "
+                 f"{stats['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%")
+
+    def _signalled(self):
+        """The signal any rank has received, or 0: every rank stops at the same step."""
+        signum = torch.tensor(self.signal_received, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return signum.item()
+
+    def save(self):
+        """
+        Write checkpoints/step_{step}: model and optimizer (each rank writes only its own shards),
+        per-rank state (RNG, data loader position) and, last, meta.json with everything else.
+        A kill at any point leaves either no meta.json (ignored on resume) or a complete checkpoint.
+        Then delete all but the newest keep_last complete checkpoints, and leftovers of failed saves.
+        """
+        path = os.path.join(self.ckpt_root, f'step_{self.step:08d}')
+        if self.master and os.path.exists(path):
+            shutil.rmtree(path)  # an interrupted earlier save of this very step
+        if dist.is_initialized():
+            dist.barrier()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        rank_state = _rank_state({'loader': self.loader.state_dict()})
+        dcp.save({'model': model_sd, 'optim': optim_sd, f'rank{self.rank}': rank_state},
+                 checkpoint_id=path, no_dist=not dist.is_initialized())  # returns once every rank has written
+        if os.environ.get('PRETRAIN_TEST_HANG_IN_SAVE') == str(self.step):
+            time.sleep(3600)  # test hook: freeze between the shards and meta.json so a test can kill us here
+        if self.master:
+            _write_json_atomic(os.path.join(path, 'meta.json'), {**self.meta, 'world_size': self.world_size,
+                                                                 'step': self.step, 'tokens': self.tokens})
+            complete = sorted(d for d in os.listdir(self.ckpt_root)
+                              if os.path.exists(os.path.join(self.ckpt_root, d, 'meta.json')))
+            for d in os.listdir(self.ckpt_root):
+                if d not in complete[-self.keep_last:] and d < os.path.basename(path):
+                    shutil.rmtree(os.path.join(self.ckpt_root, d), ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _load(self, path):
+        """Load a checkpoint written by save() in place: model, optimizer, RNG, the loader's position."""
+        meta = checkpoint_meta(path)
+        if meta['world_size'] != self.world_size:
+            raise UsageError(f"{path} was written by {meta['world_size']} ranks, this run has {self.world_size}: "
+                             f"resume with the same number of processes (the data position is per rank)")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {'model': model_sd, 'optim': optim_sd, f'rank{self.rank}': _rank_state({})}  # templates, loaded in place
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        set_state_dict(self.model, self.optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
+        mine = state[f'rank{self.rank}']
+        torch.set_rng_state(mine['rng_cpu'])
+        if 'rng_cuda' in mine:
+            torch.cuda.set_rng_state(mine['rng_cuda'])
+        try:
+            self.loader.load_state_dict(json.loads(mine['user'])['loader'])
+        except ValueError as e:  # batch_size, block_size or the data changed since the checkpoint
+            raise UsageError(f"{path}: {e}") from None
+        self.step, self.tokens = meta['step'], meta['tokens']
+
+    def finish(self, tokenizer, with_hf=False):
+        """The end of a run: checkpoint the last step (unless just saved), then gather the full
+        weights onto rank 0 and write out_dir/final.pt (and an HF directory, out_dir/hf)."""
+        self.pbar.close()
+        if latest_checkpoint(self.ckpt_root) != os.path.join(self.ckpt_root, f'step_{self.step:08d}'):
+            self.save()
+        state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.master:
+            return
+        save_checkpoint(os.path.join(self.out_dir, 'final.pt'), self.model, tokenizer.spec, state_dict=state_dict,
+                        step=self.step, tokens=self.tokens, config=self.meta.get('config', {}))
+        if with_hf:
+            hf_dir = os.path.join(self.out_dir, 'hf')
+            export_hf(self.model, hf_dir, state_dict=state_dict, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+            tokenizer.save_hf(hf_dir)
