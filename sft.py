@@ -8,11 +8,11 @@ Supervised fine-tuning (SFT): teach a pre-trained model to chat.
 Each conversation is rendered in Moxin's (Tulu's) chat template by tokenizer.encode_chat,
     <|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n...</s>\\n
 and the loss is computed on the assistant replies and the EOS closing each of them only: the
-model learns to answer, and to stop, not to imitate the user. Everything else is pretrain.py's:
-the model build, FSDP2, precision, AdamW, checkpoints, resume, logging and fault handling are
-its functions, and its train_loop is this script's loop; only the batches and the schedule differ.
+model learns to answer, and to stop, not to imitate the user. The data is read by chats.py;
+the model build, FSDP2, precision, AdamW, the step, checkpoints, resume, logging and fault
+handling are trainer.py's, shared with pretrain.py: only the batches and the schedule differ.
 
-Data (`dataset`):
+Data (`dataset`, read by chats.rows):
     'pydoc'                         offline: questions about this interpreter's functions, classes
                                     and language topics, answered with their documentation
     a path ending in .jsonl         one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}
@@ -28,22 +28,16 @@ is skipped and counted, as is one whose first reply starts beyond block_size.
 What ends up in out_dir: as for pretrain.py, checkpoints/, log.jsonl and final.pt, which
 `python sample.py --ckpt out/sft/final.pt --chat` talks to.
 """
-import importlib
-import inspect
 import math
-import multiprocessing
 import os
 import time
-import zlib
 from dataclasses import asdict
 
-import numpy as np
-
+from chats import describe_skipped, load_conversations
 from configurator import settings
-from data import ordered_map, read_jsonl
 from dataloader import ChatLoader
 from model import ModelArgs
-from tokenizer import Tokenizer, encode_chat
+from tokenizer import Tokenizer
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
                      launch, lm_loss, lr_at, read_init_weights, train_step)
 
@@ -80,156 +74,11 @@ workers = 1                    # processes (per rank) that tokenize the data; th
 config_keys = settings(globals())
 
 
-# ----------------------------------------------------------------------------- conversations
-
-def rows(dataset):
-    """(where, row) for every row of the dataset; `where` names it in error messages ('file.jsonl:12')."""
-    if dataset == 'pydoc':
-        for n, messages in enumerate(pydoc_conversations()):
-            yield f"pydoc conversation {n}", {'messages': messages}
-    elif dataset.endswith('.jsonl'):
-        if not os.path.isfile(dataset):
-            raise UsageError(f"dataset={dataset}: no such file")
-        try:
-            for n, row in read_jsonl(dataset):
-                yield f"{dataset}:{n}", row
-        except ValueError as e:  # bad JSON or bad UTF-8, with file and line
-            raise UsageError(str(e)) from None
-    else:
-        import datasets
-        try:
-            data = datasets.load_dataset(dataset, split='train')
-        except Exception as e:  # offline, gated, misspelt: the library's messages run to many lines
-            raise UsageError(f"cannot load dataset {dataset}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
-        for n, row in enumerate(data):
-            yield f"{dataset} row {n}", row
-
-
-# The demo asks about these modules: they are pure Python or C with docstrings, and importing them does nothing
-DOC_MODULES = ('builtins', 'math', 'cmath', 'string', 'json', 'itertools', 'functools', 'collections', 're',
-               'random', 'statistics', 'textwrap', 'os', 'os.path', 'shutil', 'time', 'datetime', 'pathlib',
-               'heapq', 'bisect', 'operator', 'fractions', 'decimal', 'copy', 'glob', 'fnmatch', 'base64', 'zlib')
-QUESTIONS = ('What does {} do?', 'Explain {}.', 'What is {} for?', 'Tell me about {}.')
-
-
-def pydoc_conversations():
-    """The offline demo data, from the running interpreter's own documentation: each documented
-    function and class (and each method of the built-in types) gives "What does math.sqrt do?" ->
-    the first paragraph of its docstring, then, if it has a signature, "How do I call it?" ->
-    "math.sqrt(x, /)"; each pydoc language topic gives "Explain the "assert" statement." -> its
-    first paragraph. The phrasing is picked by a hash of the name, so the data never changes."""
-    def answer(text):  # the first paragraph on one line; one that introduces an example ends with a period
-        paragraph = ' '.join(text.strip().split('\n\n')[0].split())
-        return paragraph[:-1] + '.' if paragraph.endswith(':') else paragraph
-
-    def ask(subject):
-        return QUESTIONS[zlib.crc32(subject.encode()) % len(QUESTIONS)].format(subject)
-
-    seen = set()
-    for module_name in DOC_MODULES:
-        module = importlib.import_module(module_name)
-        prefix = '' if module_name == 'builtins' else module_name + '.'
-        for name, obj in sorted(vars(module).items()):
-            if name.startswith('_'):
-                continue
-            members = [(name, obj)]
-            if module_name == 'builtins' and isinstance(obj, type) and not issubclass(obj, BaseException):
-                members += [(f"{name}.{m}", v) for m, v in sorted(vars(obj).items()) if not m.startswith('_')]
-            for qualname, member in members:
-                doc = inspect.getdoc(member) if callable(member) else None
-                if not doc or id(member) in seen:
-                    continue
-                seen.add(id(member))
-                messages = [{'role': 'user', 'content': ask(prefix + qualname)},
-                            {'role': 'assistant', 'content': answer(doc)}]
-                try:
-                    signature = str(inspect.signature(member))
-                except (TypeError, ValueError):  # many C functions publish no signature
-                    signature = None
-                # a default such as <function copy2 at 0x7f..> would make the data differ from run to run
-                if signature and ' at 0x' not in signature:
-                    messages += [{'role': 'user', 'content': 'How do I call it?'},
-                                 {'role': 'assistant', 'content': f"{prefix}{qualname}{signature}"}]
-                yield messages
-    from pydoc_data.topics import topics
-    for key in sorted(topics):
-        title, underline, body = (topics[key].lstrip('\n').split('\n', 2) + ['', ''])[:3]
-        if underline and set(underline) <= set('*=-') and body.strip():
-            yield [{'role': 'user', 'content': f"Explain {title[0].lower() + title[1:]}."},
-                   {'role': 'assistant', 'content': answer(body)}]
-
-
-def encode_row(tokenizer, where, row, block_size):
-    """-> (ids, mask, has_reply) of one dataset row: int32/bool arrays of at most block_size + 1 tokens
-    (inputs and targets of block_size positions), and whether it has an assistant turn at all.
-    Raises UsageError, naming the row, on anything that is not a conversation."""
-    if not isinstance(row, dict) or 'messages' not in row:
-        raise UsageError(f"{where}: no 'messages' field")
-    messages = row['messages']
-    if not isinstance(messages, list):
-        raise UsageError(f"{where}: 'messages' is {type(messages).__name__}, not a list")
-    try:
-        ids, mask = encode_chat(tokenizer, messages, block_size + 1)
-    except ValueError as e:  # an unknown role, a content that is not a string
-        raise UsageError(f"{where}: {e}") from None
-    has_reply = any(m['role'] == 'assistant' for m in messages)
-    return np.array(ids, dtype=np.int32), np.array(mask, dtype=bool), has_reply
-
-
-_worker_tokenizer = None  # each tokenizing process loads its own
-
-
-def _start_worker(spec):
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.load(spec)
-
-
-def _encode_in_worker(item):
-    return encode_row(_worker_tokenizer, *item)
-
-
-def load_conversations(dataset, tokenizer, block_size, workers):
-    """Read and tokenize every conversation up front, as open-instruct does: bad input stops the
-    run before anything is written, and the number of conversations fixes the number of steps.
-    -> (ids, mask, offsets, skipped): conversation i is ids[offsets[i]:offsets[i + 1]]."""
-    items = ((where, row, block_size) for where, row in rows(dataset))
-    if workers > 1:
-        # forked (on Linux) like torch's DataLoader workers: they start at once and never touch the GPU
-        pool = multiprocessing.Pool(workers, _start_worker, (tokenizer.spec,))
-        encoded = ordered_map(pool, _encode_in_worker, items)
-    else:
-        pool, encoded = None, (encode_row(tokenizer, *item) for item in items)
-    kept_ids, kept_mask = [], []
-    skipped = {'no assistant turn': 0, 'no reply within block_size': 0}
-    try:
-        for ids, mask, has_reply in encoded:
-            if not has_reply:
-                skipped['no assistant turn'] += 1
-            elif not mask.any():  # the conversation is cut before its first reply: nothing to learn
-                skipped['no reply within block_size'] += 1
-            else:
-                kept_ids.append(ids)
-                kept_mask.append(mask)
-    finally:
-        if pool:
-            pool.terminate()
-    if not kept_ids:
-        raise UsageError(f"dataset={dataset}: no conversation to train on ({_describe(skipped)})")
-    offsets = np.cumsum([0] + [len(ids) for ids in kept_ids])
-    return np.concatenate(kept_ids), np.concatenate(kept_mask), offsets, skipped
-
-
 def batch_mean_lm_loss(model, batch):
     """loss_reduction='mean': the micro-batch's mean loss over its trained tokens, as one unit."""
     loss_sum, n_tokens, _ = lm_loss(model, batch)
     return loss_sum / n_tokens.clamp(min=1), 1, {}
 
-
-def _describe(skipped):
-    return ', '.join(f"{n:,} skipped: {why}" for why, n in skipped.items())
-
-
-# ----------------------------------------------------------------------------- the run
 
 def main(rank, world_size, device):
     master = rank == 0
@@ -282,7 +131,7 @@ def main(rank, world_size, device):
         print(describe_model(model, f"resumed from {resume_path}" if resume_path else f"init from {init_from}",
                              world_size, device))
         print(f"data: {dataset}: {loader.conversations:,} conversations, {len(ids):,} tokens, "
-              f"{mask.sum() / len(ids):.0%} of them trained on; {_describe(skipped)}")
+              f"{mask.sum() / len(ids):.0%} of them trained on; {describe_skipped(skipped)}")
         print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
               f"{batch_size * grad_accum * world_size} conversations; {epochs} epochs = {max_steps} steps, "
               f"{warmup_steps} of warmup, then linear decay to 0")

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trainer  # noqa: E402
-import sft  # noqa: E402
+import chats as chat_data  # noqa: E402
 from dataloader import ChatLoader  # noqa: E402  (importing it runs nothing: the run is under __main__)
 from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
@@ -177,27 +177,27 @@ def test_linear_schedule():
 
 
 def test_pydoc_demo_data(mistral):
-    conversations = list(sft.pydoc_conversations())
+    conversations = list(chat_data.pydoc_conversations())
     assert len(conversations) > 800
     sqrt = next(c for c in conversations if len(c) == 4 and c[3]['content'] == 'math.sqrt(x, /)')
     assert 'math.sqrt' in sqrt[0]['content'] and sqrt[1]['content'] == 'Return the square root of x.'
     assert any(c[0]['content'] == 'Explain the "assert" statement.' for c in conversations)
     assert not any(' at 0x' in m['content'] for c in conversations for m in c)  # the same data in every run
-    ids, mask, offsets, skipped = sft.load_conversations('pydoc', mistral, 256, workers=1)
+    ids, mask, offsets, skipped = chat_data.load_conversations('pydoc', mistral, 256, workers=1)
     assert len(offsets) - 1 == len(conversations) and sum(skipped.values()) == 0
 
 
 def test_worker_processes_encode_the_same(mistral, tmp_path):
     path = write_jsonl(tmp_path / 'many.jsonl', (CHATS + SKIPPED) * 40)
-    one = sft.load_conversations(str(path), mistral, 64, workers=1)
-    two = sft.load_conversations(str(path), mistral, 64, workers=2)
+    one = chat_data.load_conversations(str(path), mistral, 64, workers=1)
+    two = chat_data.load_conversations(str(path), mistral, 64, workers=2)
     for a, b in zip(one[:3], two[:3]):
         assert (a == b).all()
     assert one[3] == two[3] == {'no assistant turn': 40, 'no reply within block_size': 40}
     with open(path, 'a') as f:
         f.write(json.dumps({'messages': [{'role': 'bot', 'content': 'hi'}]}) + '\n')
     with pytest.raises(trainer.UsageError, match="many.jsonl:321: message 0: expected"):
-        sft.load_conversations(str(path), mistral, 64, workers=2)
+        chat_data.load_conversations(str(path), mistral, 64, workers=2)
 
 
 # ----------------------------------------------------------------------------- real runs
