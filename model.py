@@ -13,7 +13,10 @@ Weights use the Hugging Face layout (the "rotate_half" RoPE convention), so HF
 Mistral/Llama checkpoints load by renaming alone; weights.py reads and writes them
 (and permutes Mistral's original interleaved-RoPE checkpoints at load time).
 """
+import copy
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +76,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, head_dim, theta):
-    """cos/sin tables [T, head_dim] for absolute positions, in float32."""
+    """cos/sin tables [B, 1, T, head_dim] for absolute positions [B, T] (one row each, broadcast
+    over heads), in float32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # half-split layout: pair (j, j + head_dim/2)
-    return angles.cos(), angles.sin()
+    return angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)
 
 
 def apply_rope(x, cos, sin):
@@ -85,6 +89,39 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated * sin).type_as(x)
+
+
+def window_mask(q_pos, k_pos, window):
+    """Boolean [B, 1, Tq, Tk]: may the query at q_pos [B, Tq] read the key at k_pos [B, Tk]?
+    A key is readable when it is not in the future and is one of the last `window` positions
+    (q-W+1 .. q); k_pos -1 marks an empty cache slot."""
+    q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(head_dim), masked) v, for q [B, n_heads, Tq, hd] and k, v
+    [B, n_kv_heads, Tk, hd]: each group of n_heads // n_kv_heads query heads reads one key/value
+    head (grouped-query attention). mask: boolean [B, 1, Tq, Tk] (True = may read), or None for
+    causal attention in which the queries are the last Tq keys (so a lone query reads them all)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1])
+    if q.is_cuda and q.shape[1] != k.shape[1]:
+        # With enable_gqa, CUDA's SDPA takes a mask only in its math kernel, which writes out
+        # float32 [B, H, Tq, Tk] scores; given one key/value head per query head, the fused
+        # memory-efficient kernel takes the mask. (The CPU kernels take it either way, and there
+        # the copy would only cost time.)
+        k, v = repeat_kv(k, v, q.shape[1] // k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def repeat_kv(k, v, group):
+    """Key/value heads [B, n_kv_heads, T, hd] -> [B, n_kv_heads * group, T, hd]: each one copied for
+    the `group` query heads that read it (head h reads key/value head h // group)."""
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
 class Attention(nn.Module):
@@ -103,14 +140,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
         if cache is not None:
-            k_all, v_all = cache.keys_values(layer, k, v)
-        else:
-            k_all, v_all = k, v
-        # enable_gqa: each group of n_heads // n_kv_heads query heads reads the same key/value head.
-        # No mask: causal without a cache; with one, a decode step whose keys are exactly its window
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None and cache is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            k, v = cache.keys_values(layer, k, v)
+        return self.wo(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -139,22 +170,14 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def window_mask(q_pos, k_pos, window):
-    """Boolean [Tq, Tk]: query at q_pos may read key at k_pos (k_pos < 0 marks an empty slot)."""
-    q, k = q_pos[:, None], k_pos[None, :]
-    allowed = (k >= 0) & (k <= q)
-    if window is not None:
-        allowed &= k > q - window  # exactly `window` keys: q-W+1 .. q
-    return allowed
-
-
 class KVCache:
     """
-    Rolling-buffer cache: `capacity` slots per layer, and the key/value of absolute
-    position p lives in slot p % capacity. With capacity == sliding_window the
-    buffer always holds every key a new token may read, so it can roll forever;
-    a smaller buffer (max_tokens) or a model with full attention cannot roll, and
-    overflowing it is an error.
+    Rolling-buffer cache: `capacity` slots per layer and row, and the key/value of absolute
+    position p lives in slot p % capacity. With capacity == sliding_window the buffer always
+    holds every key a new token may read, so it can roll forever; a smaller buffer (max_tokens)
+    or a model with full attention cannot roll, and overflowing it is an error.
+    Each row b has its own position pos[b] (tokens it has seen), so prompts of different
+    lengths can decode side by side.
     """
 
     def __init__(self, args, batch_size, device, dtype, max_tokens=None):
@@ -167,42 +190,71 @@ class KVCache:
         shape = (batch_size, args.n_kv_heads, capacity, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.pos = 0  # tokens seen so far, the same for every row
+        self.pos = [0] * batch_size
+        self.slots = None  # [B, T'] where keys_values puts the newest T' <= capacity tokens
 
-    def slot_positions(self):
-        """Absolute position held by each slot, -1 where the slot is still empty."""
-        slots = torch.arange(self.capacity, device=self.k[0].device)
-        newest = slots + self.capacity * torch.div(self.pos - 1 - slots, self.capacity, rounding_mode="floor")
-        return torch.where(slots < self.pos, newest, -1)
+    def slot_positions(self, seen):
+        """[B, capacity]: the absolute position each slot holds once row b has seen seen[b]
+        tokens, -1 where the slot is still empty."""
+        seen = torch.tensor(seen, device=self.k[0].device)[:, None]
+        slots = torch.arange(self.capacity, device=seen.device)
+        newest = slots + self.capacity * torch.div(seen - 1 - slots, self.capacity, rounding_mode="floor")
+        return torch.where(slots < seen, newest, -1)
+
+    def add(self, T):
+        """Take T new tokens in every row: decide the slots keys_values will write them to, advance
+        pos, and return the new tokens' positions [B, T] and the positions [B, Tk] of the keys
+        that keys_values will hand them (see there)."""
+        if not self.rolls and max(self.pos) + T > self.capacity:
+            raise ValueError(f"KV cache full: {max(self.pos)} + {T} tokens exceed its {self.capacity} slots")
+        seen = self.pos
+        new_pos = torch.tensor(seen, device=self.k[0].device)[:, None] + torch.arange(T, device=self.k[0].device)
+        keep = min(T, self.capacity)  # only the newest `capacity` tokens can be read later
+        self.slots = new_pos[:, T - keep:] % self.capacity
+        self.pos = [p + T for p in seen]
+        if T == 1:
+            return new_pos, self.slot_positions(self.pos)[:, :self.filled()]
+        return new_pos, torch.cat([self.slot_positions(seen), new_pos], dim=1)
+
+    def filled(self):
+        return min(max(self.pos), self.capacity)
 
     def keys_values(self, layer, k, v):
-        """Store the new keys/values and return every key/value they may attend to.
+        """Store the new keys/values [B, n_kv_heads, T, hd] and return those the new tokens attend to.
         One new token (a decode step): it goes into its slot first, overwriting position pos - W,
         the one key that has just left the window; the filled slots are then exactly the keys it
-        may read, in slot order (attention does not care about order: RoPE is already applied),
-        so it needs no mask. Several (prefill): cached + new, to be masked by window_mask."""
+        may read, in slot order (attention does not care about order: RoPE is already applied).
+        Several (prefill): the cached keys + the new ones, returned before the new ones overwrite
+        slots that earlier queries of the same chunk still read; window_mask sorts them out."""
+        index = self.slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         if k.shape[2] == 1:
-            slot = self.pos % self.capacity
-            self.k[layer][:, :, slot] = k[:, :, 0]
-            self.v[layer][:, :, slot] = v[:, :, 0]
-            n = min(self.pos + 1, self.capacity)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
+            n = self.filled()
             return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
         k_all = torch.cat([self.k[layer], k], dim=2)
         v_all = torch.cat([self.v[layer], v], dim=2)
-        T = k.shape[2]
-        keep = min(T, self.capacity)  # only the newest `capacity` tokens can be read later
-        slots = (self.pos + torch.arange(T - keep, T, device=k.device)) % self.capacity
-        self.k[layer].index_copy_(2, slots, k[:, :, T - keep:])
-        self.v[layer].index_copy_(2, slots, v[:, :, T - keep:])
+        kept = index.shape[2]
+        self.k[layer].scatter_(2, index, k[:, :, -kept:])
+        self.v[layer].scatter_(2, index, v[:, :, -kept:])
         return k_all, v_all
 
     def select(self, rows):
         """A new cache whose row i is a copy of row rows[i]: one prefix, several continuations."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.k[0].device)
-        new = object.__new__(KVCache)
-        new.__dict__.update(self.__dict__)
+        new = copy.copy(self)
         new.k = [t.index_select(0, index) for t in self.k]
         new.v = [t.index_select(0, index) for t in self.v]
+        new.pos = [self.pos[r] for r in rows]
+        return new
+
+    @staticmethod
+    def cat(caches):
+        """One cache holding the rows of all the given caches (of one model and capacity), in order."""
+        new = copy.copy(caches[0])
+        new.k = [torch.cat(layer) for layer in zip(*(c.k for c in caches))]
+        new.v = [torch.cat(layer) for layer in zip(*(c.v for c in caches))]
+        new.pos = [p for c in caches for p in c.pos]
         return new
 
     def nbytes(self):
@@ -234,41 +286,6 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx, cache=None):
-        """Final-norm hidden states [B, T, dim]. With a cache, positions continue from cache.pos."""
-        x = self.tok_embeddings(idx)
-        if cache is None:
-            return self.norm(self._run_layers(x, 0, None))
-        if not cache.rolls and cache.pos + idx.shape[1] > cache.capacity:
-            raise ValueError(f"KV cache full: {cache.pos} + {idx.shape[1]} tokens exceed its {cache.capacity} slots")
-        # prefill in chunks of at most `capacity` tokens, so attention memory stays bounded
-        outs = []
-        for chunk in x.split(cache.capacity, dim=1):
-            outs.append(self._run_layers(chunk, cache.pos, cache))
-            cache.pos += chunk.shape[1]
-        return self.norm(torch.cat(outs, dim=1))
-
-    def _run_layers(self, x, start, cache):
-        T = x.shape[1]
-        q_pos = torch.arange(start, start + T, device=x.device)
-        cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
-        W = self.args.sliding_window
-        if cache is not None and T == 1:
-            mask = None  # a decode step reads every filled slot (KVCache.keys_values)
-        elif cache is not None:
-            mask = window_mask(q_pos, torch.cat([cache.slot_positions(), q_pos]), W)
-        elif W is None or T <= W:
-            mask = None  # plain causal: the window never bites (phases 1 and 2 train this way)
-        else:
-            mask = window_mask(q_pos, q_pos, W)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
-        return x
-
-    def logits(self, h):
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
-
     def forward(self, idx, targets=None, cache=None):
         logits = self.logits(self.hidden(idx, cache))
         loss = None
@@ -277,48 +294,164 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def logits(self, h):
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()
+
+    def hidden(self, idx, cache=None):
+        """Final-norm hidden states [B, T, dim] of the tokens idx [B, T]. Without a cache the rows
+        start at position 0; with one, row b continues from cache.pos[b] and the cache keeps the
+        new keys/values, taking a prompt longer than its capacity in chunks of at most that many
+        tokens, so attention memory stays bounded."""
+        if cache is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)[None]
+            return self.norm(self._blocks(idx, positions, positions, None))
+        chunks = [self._blocks(chunk, *cache.add(chunk.shape[1]), cache) for chunk in idx.split(cache.capacity, 1)]
+        return self.norm(torch.cat(chunks, dim=1))
+
+    def _blocks(self, idx, q_pos, k_pos, cache):
+        """The layers over tokens idx at positions q_pos [B, T] whose keys (cached and new) are at k_pos."""
+        mask = self._mask(q_pos, k_pos, cache)
+        cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
+        x = self.tok_embeddings(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+        return x
+
+    def _mask(self, q_pos, k_pos, cache):
+        """The one place that decides the attention mask (see attend). None where plain causal
+        attention over the keys given is already exact, so SDPA can run its fastest kernels:
+          - no cache and T <= W, or no window: causal (pre-training phases 1 and 2, at 2k and 4k);
+          - a decode step in which every row has filled as many slots as the others: the filled
+            slots are exactly the keys it may read (KVCache.keys_values).
+        Otherwise window_mask: the window's band past W tokens, a cache's empty slots, rows of a
+        batch at different positions."""
+        W = self.args.sliding_window
+        if cache is None and (W is None or q_pos.shape[1] <= W):
+            return None
+        if cache is not None and q_pos.shape[1] == 1 and len({min(p, cache.capacity) for p in cache.pos}) == 1:
+            return None
+        return window_mask(q_pos, k_pos, W)
+
 
 # ----------------------------------------------------------------------------- generation
 
-@torch.no_grad()
-def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
+def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, stop=None,
+             generator=None):
     """
-    Yield new token ids one at a time. The prompt is prefilled through the rolling
-    cache (in chunks of at most W tokens), then each step feeds one token.
-    temperature 0 is greedy. Stops after yielding eos_id.
+    The new token ids of each prompt (prompts: token-id lists of any lengths), in order. A row
+    ends after it makes eos_id (kept in its list), after max_new_tokens, or when stop(new_ids)
+    is true (called with the row's new ids after each token that did not already end it:
+    eval.py checks its stop strings there). temperature 0 is greedy; otherwise sample_next draws from `generator`.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    pick = functools.partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    new = [[] for _ in prompts]
+    for row, token in _decode(model, prompts, max_new_tokens, pick, eos_id, stop):
+        new[row].append(token)
+    return new
+
+
+def stream(model, prompt, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
+    """Yield one prompt's new token ids one at a time, as they are made (sample.py)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    pick = functools.partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    for _, token in _decode(model, [prompt], max_new_tokens, pick, eos_id, None):
+        yield token
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """ValueError naming the first setting out of range (sample.py checks before loading a model)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+def check_prompts(args, prompts, max_new_tokens):
+    if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
+        raise ValueError("generate takes a non-empty list of prompts, each a non-empty list of token ids")
+    for i, prompt in enumerate(prompts):
+        if min(prompt) < 0 or max(prompt) >= args.vocab_size:
+            bad = min(prompt) if min(prompt) < 0 else max(prompt)
+            raise ValueError(f"prompt {i} has token id {bad}, outside the model's vocabulary of {args.vocab_size}")
+        if args.sliding_window is None and len(prompt) + max_new_tokens > args.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the model's context of {args.max_seq_len} tokens")
+
+
+@torch.no_grad()
+def _decode(model, prompts, max_new_tokens, pick, eos_id, stop):
+    """Yield (row, token) as every unfinished row makes its next token; pick(logits [B, vocab])
+    chooses the tokens. A row that finishes leaves the batch and its cache at once."""
+    check_prompts(model.args, prompts, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    head = _decode_head(model)
+    cache, h = _prefill(model, prompts, max_new_tokens)
+    rows = list(range(len(prompts)))  # the prompt each batch row belongs to
+    new = [[] for _ in prompts]
+    while True:
+        tokens = pick(F.linear(h, head).float()).tolist()
+        going = []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            new[row].append(token)
+            yield row, token
+            if token != eos_id and len(new[row]) < max_new_tokens and not (stop and stop(new[row])):
+                going.append(i)
+        if not going:
+            return
+        if len(going) < len(rows):
+            cache = cache.select(going)
+            rows, tokens = [rows[i] for i in going], [tokens[i] for i in going]
+        h = model.hidden(torch.tensor(tokens, device=head.device)[:, None], cache)[:, -1]
+
+
+def _prefill(model, prompts, max_new_tokens):
+    """
+    A cache holding every prompt, one row each, and each row's last hidden state [B, dim].
+    The prefix that all prompts share (few-shot examples) is prefilled once, and so is each
+    distinct prompt (GRPO samples one prompt group_size times); KVCache.select fans them out.
+
+    Rows of different lengths: each distinct prompt is prefilled on its own, then the rows decode
+    side by side, each at its own position (KVCache.pos), so no row holds padding. A row
+    computes what it would alone; the one thing batching adds is the mask that hides the slots a
+    shorter row has not filled yet (Transformer._mask).
     """
     weight = model.tok_embeddings.weight
-    args = model.args
-    total = len(prompt) + max_new_tokens
-    if args.sliding_window is None and total > args.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's context of {args.max_seq_len} tokens")
-    if weight.device.type == "cpu":
-        _column_major_head(model)
-    cache = KVCache(args, 1, weight.device, weight.dtype, max_tokens=total)
-    idx = torch.tensor([prompt], dtype=torch.long, device=weight.device)
-    for _ in range(max_new_tokens):
-        logits = model.logits(model.hidden(idx, cache)[:, -1])
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        yield token.item()
-        if token.item() == eos_id:
-            return
-        idx = token[:, None]
+    as_batch = lambda ids: torch.tensor([ids], dtype=torch.long, device=weight.device)
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    # every distinct prompt keeps at least its last token out of the prefix: its hidden state is needed
+    shared = min(len(os.path.commonprefix(distinct)), min(map(len, distinct)) - 1)
+    longest = max(map(len, distinct)) + max_new_tokens
+    base = KVCache(model.args, 1, weight.device, weight.dtype, max_tokens=longest)
+    if shared:
+        model.hidden(as_batch(distinct[0][:shared]), base)
+    caches, last = [], []
+    for prompt in distinct:
+        caches.append(base.select([0]))
+        last.append(model.hidden(as_batch(prompt[shared:]), caches[-1])[:, -1])
+    row_of = {prompt: i for i, prompt in enumerate(distinct)}
+    rows = [row_of[tuple(p)] for p in prompts]
+    return KVCache.cat(caches).select(rows), torch.cat(last)[rows]
 
 
-def _column_major_head(model):
-    """Store the output head [vocab, dim] column-major (same shape and values, transposed strides).
-    A decode step multiplies one row by this tall, narrow matrix, and CPU BLAS does that 1.5-3x
-    faster in column-major order: 4.9 -> 1.7 ms for 32000 x 256 on a 2-core EPYC, 7.6 -> 3.8 ms
-    for 32000 x 512, 31 -> 28 ms for 32000 x 4096. For a small model the head is most of the
-    weights a step reads. Batched matmuls (training, prefill, eval) run as fast either way."""
-    head = model.tok_embeddings if model.output is None else model.output
-    w = head.weight
-    if w.dim() == 2 and w.stride() == (w.shape[1], 1) and w.shape[0] > w.shape[1]:
-        w.data = w.data.t().contiguous().t()
+def _decode_head(model):
+    """The output head as decoding multiplies it. On CPU, a column-major copy (same values,
+    transposed strides): a decode step multiplies a few rows by this tall [vocab, dim] matrix,
+    which CPU BLAS does about twice as fast in that order, and in a small model the head is a
+    large part of what a step reads. A copy, so the model given is left as it was."""
+    head = model.tok_embeddings.weight if model.output is None else model.output.weight
+    return head.t().contiguous().t() if head.device.type == "cpu" else head
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):
+    """One token id per row of logits [B, vocab]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) cut to the top_k tokens and the top_p probability mass."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature

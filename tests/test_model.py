@@ -28,7 +28,7 @@ def reference_forward(model, idx):
     a = model.args
     T = idx.shape[1]
     pos = torch.arange(T)
-    cos, sin = M.rope_cos_sin(pos, a.head_dim, a.rope_theta)
+    cos, sin = M.rope_cos_sin(pos[None], a.head_dim, a.rope_theta)
     i, j = pos[:, None], pos[None, :]
     allowed = (j <= i) & ((j > i - a.sliding_window) if a.sliding_window else True)
     x = model.tok_embeddings(idx)
@@ -139,10 +139,8 @@ def test_cache_expand_shares_a_prefix():
 
 def test_rolling_slots():
     cache = M.KVCache(M.model_args("tiny"), 1, "cpu", torch.float32)  # 8 slots
-    cache.pos = 11  # positions 3..10 are held; position p sits in slot p % 8
-    assert cache.slot_positions().tolist() == [8, 9, 10, 3, 4, 5, 6, 7]
-    cache.pos = 3
-    assert cache.slot_positions().tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
+    # after 11 tokens positions 3..10 are held, position p in slot p % 8; after 3, slots 0..2
+    assert cache.slot_positions([11, 3]).tolist() == [[8, 9, 10, 3, 4, 5, 6, 7], [0, 1, 2, -1, -1, -1, -1, -1]]
 
 
 def test_meta_device_moxin_7b_parameter_count():
@@ -160,7 +158,7 @@ def test_greedy_generate_matches_hf(tmp_path):
     prompt = torch.randint(3, 300, (19,)).tolist()  # longer than the window of 8
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    ours = list(M.generate(model, prompt, 25))
+    ours = M.generate(model, [prompt], 25)[0]
     assert ours == expected
 
 
@@ -240,3 +238,160 @@ def test_bad_inputs(tmp_path):
         W.load_model(str(gpt2))
     with pytest.raises(ValueError, match="unknown model preset"):
         M.model_args("moxin-70b")
+
+
+# ----------------------------------------------------------------------------- attention kernels
+
+def written_out_attention(q, k, v, allowed):
+    group = q.shape[1] // k.shape[1]
+    k, v = k[:, torch.arange(q.shape[1]) // group], v[:, torch.arange(q.shape[1]) // group]
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@torch.no_grad()
+def test_masked_attention_with_expanded_heads():
+    """With a mask, CUDA runs attend on k/v expanded to every query head (repeat_kv), so that a
+    fused kernel takes the mask; both that and the grouped path equal the written-out attention."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 16), torch.randn(2, 3, 11, 16), torch.randn(2, 3, 11, 16)
+    q_pos = torch.tensor([[6, 7, 8, 9, 10], [2, 3, 4, 5, 6]])
+    k_pos = torch.tensor([list(range(11)), [0, 1, 2, 3, 4, 5, 6, -1, -1, -1, -1]])  # row 1: empty slots
+    mask = M.window_mask(q_pos, k_pos, 4)
+    expected = written_out_attention(q, k, v, mask)
+    assert (M.attend(q, k, v, mask) - expected).abs().max() < 1e-5
+    assert (M.attend(q, *M.repeat_kv(k, v, 2), mask) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_masked_attention_runs_a_fused_kernel_on_cuda():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 8, 64, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.arange(64, device="cuda").expand(2, -1)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # raises if no fused kernel takes the call
+        M.attend(q, k, v, M.window_mask(pos, pos, 16))
+
+
+# ----------------------------------------------------------------------------- batched generation
+
+def alone(model, prompts, n, **kw):
+    return [M.generate(model, [p], n, **kw)[0] for p in prompts]
+
+
+def prompts_of(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window", [8, None])
+def test_batched_greedy_equals_each_prompt_alone(window):
+    """Different lengths, the window (8) crossed by prompt and by generation; full attention too."""
+    model = tiny(sliding_window=window)
+    prompts = prompts_of([3, 7, 13, 20, 1])
+    assert M.generate(model, prompts, 12) == alone(model, prompts, 12)
+
+
+@torch.no_grad()
+def test_batched_greedy_with_a_shared_prefix(monkeypatch):
+    model = tiny()
+    prefix = torch.randint(3, 256, (11,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = prompts_of([1, 4, 9], prefix=prefix) + [prefix]
+    expected = alone(model, prompts, 10)
+    fed = []  # tokens prefilled: the prefix once, then what each prompt adds
+    hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda idx, cache=None: fed.append(idx.shape) or hidden(idx, cache))
+    assert M.generate(model, prompts, 10) == expected
+    assert fed[:5] == [(1, 10), (1, 2), (1, 5), (1, 10), (1, 1)]  # prefix 10 = 11 - 1: prompt 3 keeps its last
+    assert fed[5] == (4, 1)  # then every row decodes together
+
+
+@torch.no_grad()
+def test_identical_prompts_are_prefilled_once(monkeypatch):
+    model = tiny()
+    p, q = prompts_of([6, 9])
+    expected = alone(model, [p, q], 8)
+    fed = []
+    hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda idx, cache=None: fed.append(idx.shape) or hidden(idx, cache))
+    assert M.generate(model, [p, q, p, p], 8) == [expected[0], expected[1], expected[0], expected[0]]
+    # each distinct prompt once (they share no prefix), then 7 decode steps of all 4 rows: 8 new tokens
+    assert fed == [(1, len(p)), (1, len(q))] + [(4, 1)] * 7
+
+
+@torch.no_grad()
+def test_eos_and_stop_end_rows_and_finished_rows_leave_the_batch(monkeypatch):
+    model = tiny(sliding_window=None)
+    prompts = prompts_of([5, 8, 2])
+    full = alone(model, prompts, 10)
+    eos = full[0][3]
+    upto = lambda ids, t: ids[:ids.index(t) + 1] if t in ids else ids
+    calls = []
+
+    def stop(ids):  # row 1 stops once it has made its 6th token, whatever it is
+        calls.append(list(ids))
+        return ids[:6] == full[1][:6] and len(ids) == 6
+
+    sizes = []
+    hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda idx, cache=None: sizes.append(idx.shape[0]) or hidden(idx, cache))
+    got = M.generate(model, prompts, 10, eos_id=eos, stop=stop)
+    expected = [upto(r, eos) for r in full]
+    expected[1] = expected[1][:6]
+    assert got == expected and got[0][-1] == eos
+    # stop sees each row's ids after every token that did not already end the row (EOS, the limit)
+    assert sorted(calls) == sorted(g[:n] for g in got for n in range(1, len(g) + (g[-1] != eos and len(g) < 10)))
+    assert sizes[3:] == sorted(sizes[3:], reverse=True) and sizes[-1] == 1  # rows leave as they finish
+
+
+@torch.no_grad()
+def test_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model = tiny()
+    prompts = prompts_of([4, 9, 4])
+    draw = lambda seed, **kw: M.generate(model, prompts, 10, temperature=1.0,
+                                         generator=torch.Generator().manual_seed(seed), **kw)
+    assert draw(3) == draw(3) and draw(3) != draw(4)
+    assert draw(3, top_p=0.5) == draw(3, top_p=0.5)
+    assert draw(5, top_k=1) == M.generate(model, prompts, 10)
+
+
+@torch.no_grad()
+def test_stream_yields_what_generate_returns():
+    model = tiny()
+    prompt = prompts_of([13])[0]
+    assert list(M.stream(model, prompt, 12)) == M.generate(model, [prompt], 12)[0]
+    g = lambda: torch.Generator().manual_seed(0)
+    assert list(M.stream(model, prompt, 12, temperature=0.7, top_k=20, generator=g())) == \
+        M.generate(model, [prompt], 12, temperature=0.7, top_k=20, generator=g())[0]
+
+
+@torch.no_grad()
+def test_generate_leaves_the_model_as_it_was():
+    model = tiny()
+    before = {n: (p.data_ptr(), p.stride(), p.clone()) for n, p in model.state_dict().items()}
+    M.generate(model, prompts_of([5, 12]), 6)
+    M.generate(model, prompts_of([5, 12]), 6, temperature=1.0, top_p=0.9)
+    for n, p in model.state_dict().items():
+        assert (p.data_ptr(), p.stride()) == before[n][:2] and torch.equal(p, before[n][2]), n
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=-5), "max_new_tokens must be an integer >= 0, got -5"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(prompts=[[1, 2], []]), "each a non-empty list of token ids"),
+    (dict(prompts=[[1, 256]]), "prompt 0 has token id 256, outside the model's vocabulary of 256"),
+    (dict(prompts=[[1] * 100], max_new_tokens=29), r"prompt \(100 tokens\) \+ max_new_tokens \(29\) exceeds "
+                                                   "the model's context of 128 tokens"),
+])
+def test_generate_bad_arguments(kwargs, message):
+    model = tiny(sliding_window=None)
+    kwargs = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        M.generate(model, kwargs.pop("prompts"), kwargs.pop("max_new_tokens"), **kwargs)
+    assert M.generate(model, [[1] * 100], 28)[0] and M.generate(model, [[1, 2]], 0) == [[]]
