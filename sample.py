@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from model import generate
+from model import check_prompts, check_sampling, stream
 from tokenizer import Tokenizer, encode_chat
 from weights import ModelLoadError, load_model
 
@@ -45,7 +45,7 @@ def fail(message):
     sys.exit(2)
 
 
-def stream(tokens, tokenizer, context):
+def show(tokens, tokenizer, context):
     """Print tokens as text while they arrive; return the ids. Each step decodes
     context + new ids and prints what was added: SentencePiece drops the space of a
     sequence's first piece, and a multi-byte character can span several tokens."""
@@ -63,6 +63,10 @@ def stream(tokens, tokenizer, context):
     return ids
 
 
+try:
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+except ValueError as e:
+    fail(str(e))
 if prompt.startswith("FILE:"):
     try:
         with open(prompt[5:], encoding="utf-8") as f:
@@ -86,8 +90,9 @@ if tokenizer.vocab_size > model.args.vocab_size:
 
 def complete(ids):
     try:
-        return stream(generate(model, ids, max_new_tokens, temperature, top_k, top_p,
-                               tokenizer.eos_id, generator), tokenizer, ids)
+        tokens = stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_id=tokenizer.eos_id, generator=generator)
+        return show(tokens, tokenizer, ids)
     except ValueError as e:  # e.g. a prompt longer than a full-attention model's context
         fail(str(e))
 
@@ -118,6 +123,10 @@ else:
     ids = tokenizer.encode(prompt, add_special_tokens=True)
     if not ids:  # a tokenizer that adds no BOS, with an empty prompt: start from its end-of-text token
         ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    try:
+        check_prompts(model.args, [ids], max_new_tokens)  # before the prompt is echoed
+    except ValueError as e:
+        fail(str(e))
     for _ in range(num_samples):
         t0 = time.time()
         print(prompt, end="", flush=True)

@@ -97,7 +97,7 @@ def test_run_learns_and_writes_final_checkpoint(reference):
     ckpt = torch.load(out / 'final.pt', weights_only=True)
     assert ckpt['step'] == STEPS and ckpt['model_args']['n_layers'] == 2
     model, tokenizer = load_model(str(out / 'final.pt'))
-    tokens = [int(t) for t in generate(model, [3, 6, 9, 12], max_new_tokens=5)]
+    tokens = generate(model, [[3, 6, 9, 12]], max_new_tokens=5)[0]
     assert len(tokens) == 5 and all(0 <= t < 256 for t in tokens)
     # keep_last=2: only the two newest resumable checkpoints stay
     assert sorted(os.listdir(out / 'checkpoints')) == [f'step_{STEPS - 4:08d}', f'step_{STEPS:08d}']

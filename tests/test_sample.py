@@ -64,9 +64,27 @@ def test_sampling_is_seeded(hf_dir):
     (["--ckpt", ".", "--prompt=FILE:nope.txt"], "error: cannot read prompt file nope.txt"),
     (["--temprature=0"], "error: unknown config key '--temprature' (did you mean --temperature?)"),
     (["--max_new_tokens=ten"], "error: --max_new_tokens expects int"),
+    (["--max_new_tokens=-5"], "error: max_new_tokens must be an integer >= 0, got -5"),
+    (["--temperature=-1"], "error: temperature must be >= 0 (0 = greedy), got -1"),
+    (["--top_k=-1"], "error: top_k must be an integer >= 0 (0 = off), got -1"),
+    (["--top_p=0"], "error: top_p must be in (0, 1] (1 = off), got 0"),
+    (["--top_p=1.5"], "error: top_p must be in (0, 1] (1 = off), got 1.5"),
 ])
 def test_bad_input_is_one_line(args, message):
     result = run_sample(*args)
     assert result.returncode == 2
     assert result.stderr.startswith(message), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_prompt_beyond_a_full_attention_context_is_one_line(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=None,
+                                     max_position_embeddings=64)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    shutil.copy(SPM, tmp_path / "tokenizer.model")
+    result = run_sample("--ckpt", str(tmp_path), "--prompt", "one two three " * 10, "--max_new_tokens=40")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: prompt (32 tokens) + max_new_tokens (40) exceeds the model's context "
+                                    "of 64 tokens\n"), result.stderr
