@@ -6,9 +6,11 @@ Speed and memory of this codebase next to the tools people would otherwise pick,
 
     train    tokens/s of one optimizer step (forward, backward, AdamW) and MFU,
              model.py vs transformers' MistralForCausalLM (sdpa attention), same weights and batch
-    decode   tokens/s and peak memory of model.generate (what sample.py runs) vs transformers'
-             greedy generate: the demo model with a short prompt and one four windows long, and
-             the tiny model, where a step is all framework overhead
+    decode   tokens/s and peak memory of model.generate (what sample.py, eval.py and grpo.py run) vs
+             transformers' greedy generate: the demo model with a short prompt and one four windows
+             long, SmolLM2-135M's shape (random weights) with a short and a 512-token prompt, the
+             tiny model, where a step is all framework overhead, and 8 prompts of different lengths
+             in one batch (HF: left-padded) on SmolLM2-135M's shape
     kvcache  bytes of the rolling-buffer cache vs a full cache: moxin-7b at 32k tokens (computed
              from the cache's own shapes on the meta device) and a small model (allocated and run)
     eval     items/s of eval.py vs lm-evaluation-harness (HFLM) on the same model and questions,
@@ -192,44 +194,64 @@ def bench_train(device, sync):
 
 def bench_decode(device, sync):
     """demo: a step reads the tied 32000 x 256 output head, most of its weights, so it is
-    memory-bound; tiny: so small that a step is all framework overhead."""
+    memory-bound; smollm2-135m: a real model's shape, where the 30 blocks are most of a step;
+    tiny: so small that a step is all framework overhead. Then a batch of prompts of different
+    lengths, ours batched against HF's batched generate on left-padded prompts."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    new, rounds, rows = 64, 5, []
-    g = torch.Generator().manual_seed(0)
-    for preset, windows in (("demo", 0), ("demo", 4), ("tiny", 4)):
+    batch = [40, 75, 110, 150, 190, 230, 270, 310]
+    cases = {"demo": ([[16], [1024]], 5), "tiny": ([[32]], 5), "smollm2-135m": ([[16], [512], batch], 3)}
+    rows = []
+    for preset, (prompt_lengths, rounds) in cases.items():
         args = model_args(preset, max_seq_len=4096)  # above prompt + new; a window itself sets no limit
         model = build(args, device).to(dtype).eval()
         hf = hf_twin(model, device).to(dtype).eval()
         hf.generation_config.eos_token_id = None  # always all the new tokens, as ours with eos_id=None
-        length = windows * args.sliding_window or 16
-        prompt = torch.randint(3, args.vocab_size, (length,), generator=g).tolist()
-        out = {}
-
-        def ours():
-            out["ours"] = list(generate(model, prompt, new))
-
-        def ref():
-            result = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=new, do_sample=False,
-                                 pad_token_id=0, return_dict_in_generate=True)
-            out["ref"], out["ref_cache"] = result.sequences[0, length:].tolist(), result.past_key_values
-
-        ours(), ref()
-        same = out["ours"] == out["ref"]
-        times = race({"ours": ours, "ref": ref}, rounds, sync)
-        memory = {"ours": peak_memory(ours, device), "ref": peak_memory(ref, device)}
-        # what each holds at the end; ours sizes its buffer to min(prompt + new tokens, W)
-        ours_cache = KVCache(args, 1, "meta", dtype, max_tokens=length + new).nbytes()
-        ref_cache = sum(t.nbytes for layer in out["ref_cache"].layers for t in (layer.keys, layer.values))
-        what = f"{preset}, {f'prompt {windows}W' if windows else 'short prompt'} ({length} + {new} tokens)"
-        rows += [
-            row("decode", f"tokens/s, {what}", new / statistics.median(times["ours"]),
-                new / statistics.median(times["ref"]), speedup(times["ours"], times["ref"]),
-                note="same greedy tokens" if same else "greedy tokens DIFFER"),
-            row("decode", f"peak memory, {what}", memory["ours"], memory["ref"], unit="bytes",
-                note="CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS growth during the call"),
-            row("decode", f"KV cache at the end, {what}", ours_cache, ref_cache, unit="bytes"),
-        ]
+        for lengths in prompt_lengths:
+            W = args.sliding_window
+            what = f"{preset}, prompt {lengths[0]}" + (f" = {lengths[0] // W}W" if W and lengths[0] >= W else "")
+            if len(lengths) > 1:
+                what = f"{preset}, batch of {len(lengths)}, prompts {min(lengths)}-{max(lengths)}"
+            rows += decode_rows(model, hf, lengths, 64, rounds, what, device, sync)
     return rows
+
+
+def decode_rows(model, hf, lengths, new, rounds, what, device, sync):
+    """Tokens/s and memory of generate for prompts of these lengths vs HF generate (batched on
+    left-padded prompts, the way HF batches prompts of different lengths)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    pad_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = {}
+
+    def ours():
+        out["ours"] = generate(model, prompts, new)
+
+    def ref():
+        result = hf.generate(ids, attention_mask=pad_mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+        out["ref"], out["ref_cache"] = result.sequences[:, width:].tolist(), result.past_key_values
+
+    ours(), ref()
+    same = sum(a == b for a, b in zip(out["ours"], out["ref"]))
+    times = race({"ours": ours, "ref": ref}, rounds, sync)
+    memory = {"ours": peak_memory(ours, device), "ref": peak_memory(ref, device)}
+    # what each holds at the end; ours sizes its buffer to min(prompt + new tokens, W) per row
+    ours_cache = len(prompts) * KVCache(model.args, 1, "meta", next(model.parameters()).dtype,
+                                        max_tokens=width + new).nbytes()
+    ref_cache = sum(t.nbytes for layer in out["ref_cache"].layers for t in (layer.keys, layer.values))
+    what += f" + {new} tokens"
+    tokens = new * len(prompts)
+    return [
+        row("decode", f"tokens/s, {what}", tokens / statistics.median(times["ours"]),
+            tokens / statistics.median(times["ref"]), speedup(times["ours"], times["ref"]),
+            note=f"same greedy tokens in {same}/{len(prompts)} rows" if len(prompts) > 1
+            else "same greedy tokens" if same else "greedy tokens DIFFER"),
+        row("decode", f"peak memory, {what}", memory["ours"], memory["ref"], unit="bytes",
+            note="CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS growth during the call"),
+        row("decode", f"KV cache at the end, {what}", ours_cache, ref_cache, unit="bytes"),
+    ]
 
 
 # ----------------------------------------------------------------------------- kvcache

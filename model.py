@@ -48,6 +48,11 @@ PRESETS = {
     # trains on 2 CPU cores in minutes; same vocabulary so the Mistral tokenizer fits
     "demo": dict(dim=256, n_layers=4, head_dim=64, hidden_dim=768, n_heads=4, n_kv_heads=2,
                  sliding_window=256, max_seq_len=1024, tie_embeddings=True),
+    # HuggingFaceTB/SmolLM2-135M's shape (a Llama: no window, tied head): a real small model, on
+    # which bench.py measures speed, since the demo's 32000-row head dominates all it does
+    "smollm2-135m": dict(dim=576, n_layers=30, head_dim=64, hidden_dim=1536, n_heads=9, n_kv_heads=3,
+                         vocab_size=49152, rope_theta=100000.0, sliding_window=None, max_seq_len=8192,
+                         tie_embeddings=True),
     # for tests: every feature (GQA, window smaller than a sequence) at toy size
     "tiny": dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                  vocab_size=256, sliding_window=8, max_seq_len=128),
@@ -176,8 +181,8 @@ class KVCache:
     position p lives in slot p % capacity. With capacity == sliding_window the buffer always
     holds every key a new token may read, so it can roll forever; a smaller buffer (max_tokens)
     or a model with full attention cannot roll, and overflowing it is an error.
-    Each row b has its own position pos[b] (tokens it has seen), so prompts of different
-    lengths can decode side by side.
+    Each row b has its own position pos[b] (tokens it has seen), so rows holding prompts of
+    different lengths decode side by side.
     """
 
     def __init__(self, args, batch_size, device, dtype, max_tokens=None):
@@ -191,7 +196,11 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.pos = [0] * batch_size
-        self.slots = None  # [B, T'] where keys_values puts the newest T' <= capacity tokens
+        self.slots = None  # [B, T'] the slots that keys_values writes the newest T' new tokens to
+
+    def filled(self):
+        """Slots in use, per row."""
+        return [min(p, self.capacity) for p in self.pos]
 
     def slot_positions(self, seen):
         """[B, capacity]: the absolute position each slot holds once row b has seen seen[b]
@@ -202,22 +211,19 @@ class KVCache:
         return torch.where(slots < seen, newest, -1)
 
     def add(self, T):
-        """Take T new tokens in every row: decide the slots keys_values will write them to, advance
-        pos, and return the new tokens' positions [B, T] and the positions [B, Tk] of the keys
-        that keys_values will hand them (see there)."""
+        """Take T new tokens in every row: fix the slots keys_values writes them to and advance
+        pos. Returns the new tokens' positions [B, T] and the positions [B, Tk] of the keys that
+        keys_values will return to them (see there), for the attention mask."""
         if not self.rolls and max(self.pos) + T > self.capacity:
             raise ValueError(f"KV cache full: {max(self.pos)} + {T} tokens exceed its {self.capacity} slots")
-        seen = self.pos
-        new_pos = torch.tensor(seen, device=self.k[0].device)[:, None] + torch.arange(T, device=self.k[0].device)
+        seen, device = self.pos, self.k[0].device
+        new_pos = torch.tensor(seen, device=device)[:, None] + torch.arange(T, device=device)
         keep = min(T, self.capacity)  # only the newest `capacity` tokens can be read later
         self.slots = new_pos[:, T - keep:] % self.capacity
         self.pos = [p + T for p in seen]
         if T == 1:
-            return new_pos, self.slot_positions(self.pos)[:, :self.filled()]
+            return new_pos, self.slot_positions(self.pos)[:, :max(self.filled())]
         return new_pos, torch.cat([self.slot_positions(seen), new_pos], dim=1)
-
-    def filled(self):
-        return min(max(self.pos), self.capacity)
 
     def keys_values(self, layer, k, v):
         """Store the new keys/values [B, n_kv_heads, T, hd] and return those the new tokens attend to.
@@ -230,7 +236,7 @@ class KVCache:
         if k.shape[2] == 1:
             self.k[layer].scatter_(2, index, k)
             self.v[layer].scatter_(2, index, v)
-            n = self.filled()
+            n = max(self.filled())
             return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
         k_all = torch.cat([self.k[layer], k], dim=2)
         v_all = torch.cat([self.v[layer], v], dim=2)
@@ -329,7 +335,7 @@ class Transformer(nn.Module):
         W = self.args.sliding_window
         if cache is None and (W is None or q_pos.shape[1] <= W):
             return None
-        if cache is not None and q_pos.shape[1] == 1 and len({min(p, cache.capacity) for p in cache.pos}) == 1:
+        if cache is not None and q_pos.shape[1] == 1 and len(set(cache.filled())) == 1:
             return None
         return window_mask(q_pos, k_pos, W)
 
