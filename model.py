@@ -17,6 +17,7 @@ import copy
 import functools
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -446,13 +447,25 @@ def _prefill(model, prompts, max_new_tokens):
     return KVCache.cat(caches).select(rows), torch.cat(last)[rows]
 
 
+# model -> (its head weight, that weight's version, a column-major copy): see _decode_head
+_column_major_heads = weakref.WeakKeyDictionary()
+
+
 def _decode_head(model):
     """The output head as decoding multiplies it. On CPU, a column-major copy (same values,
     transposed strides): a decode step multiplies a few rows by this tall [vocab, dim] matrix,
     which CPU BLAS does about twice as fast in that order, and in a small model the head is a
-    large part of what a step reads. A copy, so the model given is left as it was."""
+    large part of what a step reads. A copy, so the model given is left as it was; it is kept
+    while the model lives and its head is unchanged (a tensor's _version counts its in-place
+    updates, such as optimizer steps), since transposing the head takes several decode steps."""
     head = model.tok_embeddings.weight if model.output is None else model.output.weight
-    return head.t().contiguous().t() if head.device.type == "cpu" else head
+    if head.device.type != "cpu":
+        return head
+    kept = _column_major_heads.get(model)
+    if kept is None or kept[0] is not head or kept[1] != head._version:
+        kept = (head, head._version, head.detach().t().contiguous().t())
+        _column_major_heads[model] = kept
+    return kept[2]
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):

@@ -395,3 +395,16 @@ def test_generate_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         M.generate(model, kwargs.pop("prompts"), kwargs.pop("max_new_tokens"), **kwargs)
     assert M.generate(model, [[1] * 100], 28)[0] and M.generate(model, [[1, 2]], 0) == [[]]
+
+
+@torch.no_grad()
+def test_decode_head_follows_weight_updates():
+    """generate keeps a column-major copy of the head between calls; an in-place update (an
+    optimizer step) must reach it, or GRPO would sample from stale weights."""
+    model = tiny(tie_embeddings=True)
+    prompts = prompts_of([5, 9])
+    M.generate(model, prompts, 4)
+    model.tok_embeddings.weight.mul_(-1.0)
+    fresh = M.Transformer(model.args).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert M.generate(model, prompts, 8) == M.generate(fresh, prompts, 8)
