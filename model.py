@@ -108,13 +108,13 @@ def window_mask(q_pos, k_pos, window):
     return allowed
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, causal=False):
     """softmax(q k^T / sqrt(head_dim), masked) v, for q [B, n_heads, Tq, hd] and k, v
     [B, n_kv_heads, Tk, hd]: each group of n_heads // n_kv_heads query heads reads one key/value
-    head (grouped-query attention). mask: boolean [B, 1, Tq, Tk] (True = may read), or None for
-    causal attention in which the queries are the last Tq keys (so a lone query reads them all)."""
+    head (grouped-query attention). mask: boolean [B, 1, Tq, Tk], True = may read; or None, and
+    then query i reads keys 0..i if causal (a whole sequence) or every key (a decode step)."""
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
     if q.is_cuda and q.shape[1] != k.shape[1]:
         # With enable_gqa, CUDA's SDPA takes a mask only in its math kernel, which writes out
         # float32 [B, H, Tq, Tk] scores; given one key/value head per query head, the fused
@@ -147,7 +147,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
         if cache is not None:
             k, v = cache.keys_values(layer, k, v)
-        return self.wo(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+        y = attend(q, k, v, mask, causal=cache is None)  # no cache: the keys are the queries' own sequence
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -326,13 +327,14 @@ class Transformer(nn.Module):
         return x
 
     def _mask(self, q_pos, k_pos, cache):
-        """The one place that decides the attention mask (see attend). None where plain causal
-        attention over the keys given is already exact, so SDPA can run its fastest kernels:
-          - no cache and T <= W, or no window: causal (pre-training phases 1 and 2, at 2k and 4k);
-          - a decode step in which every row has filled as many slots as the others: the filled
-            slots are exactly the keys it may read (KVCache.keys_values).
-        Otherwise window_mask: the window's band past W tokens, a cache's empty slots, rows of a
-        batch at different positions."""
+        """The one place that decides the attention mask. None where attention needs none, so
+        SDPA can run its fastest kernels (see attend):
+          - a whole sequence (no cache) no longer than W, or with no window: plain causal
+            (pre-training phases 1 and 2, at 2k and 4k);
+          - a decode step in which every row has filled as many slots as the others: the
+            filled slots are exactly the keys it may read (KVCache.keys_values).
+        Otherwise window_mask: the window's band past W tokens, a cache's empty slots, rows of
+        a batch at different positions."""
         W = self.args.sliding_window
         if cache is None and (W is None or q_pos.shape[1] <= W):
             return None
