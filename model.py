@@ -12,6 +12,10 @@ the last W keys/values per layer, so decoding memory stops growing at W tokens.
 Weights use the Hugging Face layout (the "rotate_half" RoPE convention), so HF
 Mistral/Llama checkpoints load by renaming alone; weights.py reads and writes them
 (and permutes Mistral's original interleaved-RoPE checkpoints at load time).
+
+Generation, at the end: generate() decodes a batch of prompts of any lengths (what eval.py
+and grpo.py call), stream() yields one prompt's tokens as they come (sample.py); both run
+the same loop, _decode.
 """
 import copy
 import functools
@@ -256,13 +260,13 @@ class KVCache:
         new.pos = [self.pos[r] for r in rows]
         return new
 
-    @staticmethod
-    def cat(caches):
-        """One cache holding the rows of all the given caches (of one model and capacity), in order."""
-        new = copy.copy(caches[0])
-        new.k = [torch.cat(layer) for layer in zip(*(c.k for c in caches))]
-        new.v = [torch.cat(layer) for layer in zip(*(c.v for c in caches))]
-        new.pos = [p for c in caches for p in c.pos]
+    def row(self, b):
+        """Row b alone, as a cache sharing this one's memory: what it stores lands in row b here
+        (its pos is its own list: copy it back)."""
+        new = copy.copy(self)
+        new.k = [t[b:b + 1] for t in self.k]
+        new.v = [t[b:b + 1] for t in self.v]
+        new.pos = [self.pos[b]]
         return new
 
     def nbytes(self):
@@ -382,6 +386,7 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
 
 
 def check_prompts(args, prompts, max_new_tokens):
+    """ValueError naming the first prompt the model cannot take (sample.py checks before echoing it)."""
     if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
         raise ValueError("generate takes a non-empty list of prompts, each a non-empty list of token ids")
     for i, prompt in enumerate(prompts):
@@ -440,13 +445,17 @@ def _prefill(model, prompts, max_new_tokens):
     base = KVCache(model.args, 1, weight.device, weight.dtype, max_tokens=longest)
     if shared:
         model.hidden(as_batch(distinct[0][:shared]), base)
-    caches, last = [], []
-    for prompt in distinct:
-        caches.append(base.select([0]))
-        last.append(model.hidden(as_batch(prompt[shared:]), caches[-1])[:, -1])
+    cache = base.select([0] * len(distinct)) if len(distinct) > 1 else base
+    last = []
+    for b, prompt in enumerate(distinct):
+        row = cache.row(b)
+        last.append(model.hidden(as_batch(prompt[shared:]), row)[:, -1])
+        cache.pos[b] = row.pos[0]
     row_of = {prompt: i for i, prompt in enumerate(distinct)}
     rows = [row_of[tuple(p)] for p in prompts]
-    return KVCache.cat(caches).select(rows), torch.cat(last)[rows]
+    if rows == list(range(len(distinct))):
+        return cache, torch.cat(last)
+    return cache.select(rows), torch.cat(last)[rows]
 
 
 # model -> (its head weight, that weight's version, a column-major copy): see _decode_head
