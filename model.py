@@ -202,7 +202,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.pos = [0] * batch_size
-        self.slots = None  # [B, T'] the slots that keys_values writes the newest T' new tokens to
+        self.slots = None  # [B, T]: where keys_values puts the T new tokens of each row (see add)
 
     def filled(self):
         """Slots in use, per row."""
@@ -217,28 +217,29 @@ class KVCache:
         return torch.where(slots < seen, newest, -1)
 
     def add(self, T):
-        """Take T new tokens in every row: fix the slots keys_values writes them to and advance
-        pos. Returns the new tokens' positions [B, T] and the positions [B, Tk] of the keys that
-        keys_values will return to them (see there), for the attention mask."""
+        """Take T <= capacity new tokens in every row (Transformer.hidden feeds longer prompts in
+        chunks): fix the slots keys_values writes them to and advance pos. Returns the new tokens'
+        positions [B, T] and the positions [B, Tk] of the keys that keys_values will return to
+        them (see there), for the attention mask."""
         if not self.rolls and max(self.pos) + T > self.capacity:
             raise ValueError(f"KV cache full: {max(self.pos)} + {T} tokens exceed its {self.capacity} slots")
         seen, device = self.pos, self.k[0].device
         new_pos = torch.tensor(seen, device=device)[:, None] + torch.arange(T, device=device)
-        keep = min(T, self.capacity)  # only the newest `capacity` tokens can be read later
-        self.slots = new_pos[:, T - keep:] % self.capacity
+        self.slots = new_pos % self.capacity
         self.pos = [p + T for p in seen]
         if T == 1:
             return new_pos, self.slot_positions(self.pos)[:, :max(self.filled())]
         return new_pos, torch.cat([self.slot_positions(seen), new_pos], dim=1)
 
     def keys_values(self, layer, k, v):
-        """Store the new keys/values [B, n_kv_heads, T, hd] and return those the new tokens attend to.
+        """Store the new keys/values [B, n_kv_heads, T, hd], each row in its own slots, and return
+        those the new tokens attend to.
         One new token (a decode step): it goes into its slot first, overwriting position pos - W,
         the one key that has just left the window; the filled slots are then exactly the keys it
         may read, in slot order (attention does not care about order: RoPE is already applied).
         Several (prefill): the cached keys + the new ones, returned before the new ones overwrite
         slots that earlier queries of the same chunk still read; window_mask sorts them out."""
-        index = self.slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        index = self.slots[:, None, :, None].expand_as(k)  # [B, T] -> one slot per key element
         if k.shape[2] == 1:
             self.k[layer].scatter_(2, index, k)
             self.v[layer].scatter_(2, index, v)
@@ -246,9 +247,8 @@ class KVCache:
             return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
         k_all = torch.cat([self.k[layer], k], dim=2)
         v_all = torch.cat([self.v[layer], v], dim=2)
-        kept = index.shape[2]
-        self.k[layer].scatter_(2, index, k[:, :, -kept:])
-        self.v[layer].scatter_(2, index, v[:, :, -kept:])
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
         return k_all, v_all
 
     def select(self, rows):
