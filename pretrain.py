@@ -27,13 +27,14 @@ from model import ModelArgs, model_args
 from tokenizer import Tokenizer
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, evaluate,
                      find_checkpoint, launch, lm_loss, lr_at, read_init_weights, train_step)
+from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= config/demo.py)
 # data and model
 data_dir = 'data/pydoc'       # token shards written by `python data.py` (its default out_dir)
 preset = 'demo'               # model.PRESETS name, used when starting from scratch
 model_overrides = {}          # ModelArgs fields to change in the preset, e.g. {'n_layers': 2}
-init_from = ''                # '' = random init; or a .pt checkpoint / HF model dir to continue from
+init_from = ''                # '' = random init; or a .pt checkpoint / HF model dir / HF hub id to continue from
 # batch: one optimizer step sees batch_size * grad_accum * world_size sequences of block_size tokens
 block_size = 256
 batch_size = 8                # sequences per micro-batch per rank
@@ -76,7 +77,7 @@ def main(rank, world_size, device):
     tokenizer = Tokenizer.load(data_meta['tokenizer'])
     if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
         raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
-    if init_from and not os.path.exists(init_from):
+    if init_from and not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory")
     resume_path = find_checkpoint(resume, out_dir)
 

@@ -40,9 +40,10 @@ from model import ModelArgs
 from tokenizer import Tokenizer
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
                      launch, lm_loss, lr_at, read_init_weights, train_step)
+from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
-init_from = 'out/final.pt'     # the model to fine-tune: a .pt checkpoint of this project or an HF model dir
+init_from = 'out/final.pt'     # the model to fine-tune: a .pt checkpoint of this project, an HF model dir or hub id
 dataset = 'pydoc'              # 'pydoc', a .jsonl file, or a Hugging Face dataset name (see above)
 block_size = 256               # tokens per conversation; longer ones are cut (their tail is not trained on)
 # batch: one optimizer step sees batch_size * grad_accum * world_size conversations
@@ -90,7 +91,7 @@ def main(rank, world_size, device):
     if resume_path:
         saved = checkpoint_meta(resume_path)
         args, tokenizer_spec = ModelArgs(**saved['model_args']), saved['tokenizer']
-    elif not os.path.exists(init_from):
+    elif not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo fine-tunes the demo "
                          f"model: run `python pretrain.py` first)")
     else:
