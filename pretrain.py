@@ -100,13 +100,14 @@ def main(rank, world_size, device):
     except ValueError as e:  # e.g. too little data for one batch
         raise UsageError(str(e)) from None
 
+    config = {k: globals()[k] for k in config_keys}
+    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
+              log_interval, ckpt_interval, keep_last)
+
     # ---- model, optimizer, and where the run stands
     model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
     del init_state
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
-    config = {k: globals()[k] for k in config_keys}
-    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
-              log_interval, ckpt_interval, keep_last)
     if master:
         origin = f"resumed from {resume_path}" if resume_path else f"init from {init_from}" if init_from else "random init"
         tokens_per_step = batch_size * grad_accum * world_size * block_size

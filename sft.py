@@ -120,13 +120,14 @@ def main(rank, world_size, device):
     max_steps = math.ceil(epochs * loader.steps_per_epoch / grad_accum)
     warmup_steps = int(warmup_ratio * max_steps)  # as open-instruct rounds it
 
+    config = {k: globals()[k] for k in config_keys}
+    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
+              log_interval, ckpt_interval, keep_last)
+
     # ---- model, optimizer, and where the run stands
     model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
     del init_state
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
-    config = {k: globals()[k] for k in config_keys}
-    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
-              log_interval, ckpt_interval, keep_last)
     if master:
         print(describe_model(model, f"resumed from {resume_path}" if resume_path else f"init from {init_from}",
                              world_size, device))

@@ -86,6 +86,41 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed) + len(plain) == len(list(model.parameters()))
 
 
+class CountingLoader:
+    """The loader side of a checkpoint: a position and state_dict()/load_state_dict()."""
+    step = 0
+
+    def state_dict(self):
+        return {'step': self.step}
+
+    def load_state_dict(self, state):
+        self.step = state['step']
+
+
+@pytest.mark.parametrize('keep_last, kept', [(1, [4]), (0, [1, 2, 3, 4])])  # keep_last=2: the reference run
+def test_keep_last_keeps_the_newest_checkpoints_and_zero_keeps_all(tmp_path, keep_last, kept):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    model = Transformer(model_args('tiny', n_layers=1, vocab_size=64))
+    optimizer = trainer.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device('cpu'))
+    run = trainer.Run(str(tmp_path), {}, keep_last=keep_last)
+    try:
+        run.start(model, optimizer, CountingLoader(), None, 4, 'test')
+        for _ in range(4):
+            run.step += 1
+            run.save()
+        run.pbar.close()
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == [f'step_{s:08d}' for s in kept]
+
+
+@pytest.mark.parametrize('keep_last', [-1, 1.5])
+def test_keep_last_must_be_a_count(tmp_path, keep_last):
+    with pytest.raises(trainer.UsageError, match=f'keep_last={keep_last}: '):
+        trainer.Run(str(tmp_path), {}, keep_last=keep_last)
+
+
 # ----------------------------------------------------------------------------- runs
 
 def test_run_learns_and_writes_final_checkpoint(reference):
@@ -146,8 +181,9 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, data_d
 
 def test_kill_during_checkpoint_save_resumes_from_previous(reference, data_dir, tmp_path):
     _, loss = reference
-    # the test hook freezes the save of step 8 after the shards are written, before meta.json
-    p = run(TINY, tmp_path, data_dir, env={'PRETRAIN_TEST_HANG_IN_SAVE': '8'}, wait=False)
+    # tests/hang_in_save.py freezes the save of step 8 after the shards are written, before meta.json
+    p = start('tests/hang_in_save.py', ['8', 'pretrain.py', *TINY, f'--out_dir={tmp_path}', f'--data_dir={data_dir}'],
+              wait=False)
     step8 = tmp_path / 'checkpoints' / 'step_00000008'
     wait_for(lambda: (step8 / '.metadata').exists(), p)
     p.kill()
