@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trainer  # noqa: E402
-from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_same_numbers, logged_numbers, losses, start, wait_for  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from model import Transformer, generate, model_args  # noqa: E402
 from weights import load_model  # noqa: E402
@@ -144,9 +144,10 @@ def test_torchrun_two_ranks_matches_single_process(reference, data_dir, tmp_path
     rc, stdout, stderr = run(args, tmp_path, data_dir, nproc=2)
     assert rc == 0, stderr[-3000:]
     assert 'FSDP2' in stdout and '2 ranks = 8 sequences' in stdout
-    fsdp = losses(tmp_path)
-    for step in range(1, 9):
-        assert abs(fsdp[step] - loss[step]) <= 1e-5 * abs(loss[step]), (step, fsdp[step], loss[step])
+    # every logged number of every step: loss, grad_norm, lr, tokens, val_loss
+    fsdp, single = logged_numbers(tmp_path), logged_numbers(out)
+    assert fsdp.keys() == single.keys() and {name for _, name in single} == {'loss', 'grad_norm', 'lr', 'tokens', 'val_loss'}
+    assert_same_numbers(fsdp, single)
     # the gathered final weights are the same model
     a = torch.load(out / 'final.pt', weights_only=True)['model']
     b = torch.load(tmp_path / 'final.pt', weights_only=True)['model']

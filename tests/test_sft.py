@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trainer  # noqa: E402
 import chats as chat_data  # noqa: E402
 from dataloader import ChatLoader  # noqa: E402  (importing it runs nothing: the run is under __main__)
-from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_same_numbers, logged_numbers, losses, start, wait_for  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
 from model import Transformer, model_args  # noqa: E402
 from weights import save_checkpoint  # noqa: E402
@@ -237,18 +237,20 @@ def test_torchrun_two_ranks_matches_one_process(reference, tiny, chats, tmp_path
     """Batch 1 on each of 2 ranks = batch 1 x 2 accumulation in one process: the same pairs of
     conversations, each step's loss the mean of two conversations' means. Then SIGTERM to
     torchrun: both ranks stop at the same step and save."""
-    _, _, loss = reference
+    out = reference[0]
     args = [a if a != '--grad_accum=2' else '--grad_accum=1' for a in ARGS]
     p = run([f'--init_from={tiny}', f'--dataset={chats}', *args], tmp_path, nproc=2, wait=False)
     wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(losses(tmp_path), default=0) >= 12, p)
     p.send_signal(signal.SIGTERM)  # torchrun passes it on; both ranks stop at the same step and save
     stdout, stderr = p.communicate(timeout=120)
     assert 'FSDP2' in stdout and 'checkpoint saved' in stdout, stderr[-3000:]
-    fsdp = losses(tmp_path)
-    stopped_at = max(fsdp)
+    stopped_at = max(losses(tmp_path))
     assert (tmp_path / 'checkpoints' / f'step_{stopped_at:08d}' / 'meta.json').exists()
-    for step in range(1, stopped_at + 1):
-        assert fsdp[step] == pytest.approx(loss[step], rel=1e-4), step
+    # every logged number of every step up to the stop: loss, grad_norm, lr, tokens
+    two_ranks = logged_numbers(tmp_path)
+    assert {name for _, name in two_ranks} == {'loss', 'grad_norm', 'lr', 'tokens'}
+    assert {step for step, _ in two_ranks} == set(range(1, stopped_at + 1))
+    assert_same_numbers(two_ranks, logged_numbers(out))
 
 
 def tree_digest(path):
