@@ -6,6 +6,7 @@ their own data and define their own loss; the rest is here, in the order a run u
                                      bad input (UsageError) -> one line on stderr, exit code 2
     read_init_weights, build_model   the starting weights; the model, sharded with FSDP2 under torchrun
     build_optimizer, lr_at           AdamW (decay on matrices only); warmup + cosine/linear decay
+    grad_accum_for                   the accumulation that makes a recipe's global batch on this many ranks
     train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip)
                                      one optimizer step over grad_accum micro-batches
     find_checkpoint, Run             out_dir: log.jsonl, resumable checkpoints, signals, final.pt
@@ -173,6 +174,16 @@ def build_optimizer(model, lr, weight_decay, betas, eps, device):
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == 'cuda')
+
+
+def grad_accum_for(global_batch, batch_size, world_size, unit='sequences'):
+    """Micro-batches per optimizer step that make a recipe's global batch on this many ranks:
+    global_batch = batch_size x grad_accum x world_size, or a UsageError saying what divides."""
+    per_pass = batch_size * world_size
+    if global_batch <= 0 or global_batch % per_pass:
+        raise UsageError(f"global_batch_size={global_batch} {unit} is not a multiple of batch_size={batch_size} x "
+                         f"{world_size} ranks = {per_pass}: change batch_size (or the number of ranks) so that it divides")
+    return global_batch // per_pass
 
 
 def lr_at(step, peak_lr, warmup_steps, max_steps, min_lr_ratio=0.1, decay='cosine'):

@@ -13,7 +13,8 @@ sources = [
          data_dirs=[f'data/{lang}' for lang in ('python', 'javascript', 'java', 'c', 'c++', 'go', 'rust', 'markdown')]),
 ]
 max_tokens = 1_600_000_000_000
-val_tokens = 2**24
+val_tokens = 2**24          # validation windows at 64 GPUs: phase 1 reads 20 x 4 x 64 = 5,120 of 2049 tokens
+                            # (2^24 tokens hold 8,191), phase 2 20 x 2 x 64 = 2,560 of 4097 (they hold 4,095)
 shard_tokens = 2**28        # 512 MB of uint16 per shard
 # SlimPajama and the stack ship deduplicated and DCLM-baseline was deduplicated by its authors;
 # cross-source MinHash over ~10^9 documents needs a cluster, not these in-memory tables.

@@ -11,10 +11,10 @@ init_from = 'out/moxin7b_phase3/final.pt'  # the base model after pre-training (
 dataset = 'allenai/tulu-3-sft-mixture'     # [moxin] [tulu3]
 out_dir = 'out/moxin7b_instruct'
 block_size = 4096              # [tulu3] [oi] max_seq_length 4096; longer conversations are cut
-# global batch = 1 x 2 x 64 GPUs = 128 conversations ([tulu3] [oi] batch 1 per GPU x accumulation 2 x
-# 8 nodes of 8 GPUs). On N GPUs keep 128: grad_accum = 128 // N.
+# global batch 128 conversations ([tulu3] [oi] batch 1 per GPU x accumulation 2 x 8 nodes of 8 GPUs);
+# grad_accum = 128 / N: 16 on 8 GPUs, 2 on 64.
+global_batch_size = 128        # [tulu3] [oi]
 batch_size = 1                 # [oi] no padding at all
-grad_accum = 2
 epochs = 2                     # [tulu3] [oi]
 lr = 5e-6                      # [tulu3] [oi] 5.0e-06
 warmup_ratio = 0.03            # [tulu3] [oi] then linear decay to 0

@@ -238,12 +238,12 @@ def test_torchrun_two_ranks_matches_one_process(reference, tiny, chats, tmp_path
     conversations, each step's loss the mean of two conversations' means. Then SIGTERM to
     torchrun: both ranks stop at the same step and save."""
     out = reference[0]
-    args = [a if a != '--grad_accum=2' else '--grad_accum=1' for a in ARGS]
+    args = [a if a != '--grad_accum=2' else '--global_batch_size=2' for a in ARGS]  # accumulation 1 on 2 ranks
     p = run([f'--init_from={tiny}', f'--dataset={chats}', *args], tmp_path, nproc=2, wait=False)
     wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(losses(tmp_path), default=0) >= 12, p)
     p.send_signal(signal.SIGTERM)  # torchrun passes it on; both ranks stop at the same step and save
     stdout, stderr = p.communicate(timeout=120)
-    assert 'FSDP2' in stdout and 'checkpoint saved' in stdout, stderr[-3000:]
+    assert 'FSDP2' in stdout and '1 x 1 accum x 2 ranks = 2 conversations' in stdout and 'checkpoint saved' in stdout, stderr[-3000:]
     stopped_at = max(losses(tmp_path))
     assert (tmp_path / 'checkpoints' / f'step_{stopped_at:08d}' / 'meta.json').exists()
     # every logged number of every step up to the stop: loss, grad_norm, lr, tokens
@@ -271,6 +271,8 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, tmp_pa
         ("no conversation to train on (0 skipped: no assistant turn, 1 skipped: no reply within block_size)",
          [{'messages': SKIPPED[1]}], []),
         ("unknown config key '--epoch' (did you mean --epochs", [{'messages': CHATS[0]}], ['--epoch=2']),
+        ("global_batch_size=3 conversations is not a multiple of batch_size=2 x 1 ranks = 2", [{'messages': CHATS[0]}],
+         ['--batch_size=2', '--global_batch_size=3']),
     ]
     procs = {}
     for n, (expected, rows, extra) in enumerate(cases):
