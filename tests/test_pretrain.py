@@ -215,10 +215,25 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, data_d
     assert losses(tmp_path) == loss
 
 
+def test_a_second_sigterm_while_saving_is_ignored(data_dir, tmp_path):
+    """Under SLURM a worker gets SIGTERM from SLURM and again from torchrun: the second one,
+    here sent in the middle of writing the checkpoint, must not kill the save."""
+    args = [*TINY, '--ckpt_interval=1000', f'--out_dir={tmp_path}', f'--data_dir={data_dir}']  # the stop's save only
+    p = start('tests/during_save.py', ['sigterm', 'pretrain.py', *args], wait=False)
+    wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(losses(tmp_path), default=0) >= 2, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    stopped_at = max(losses(tmp_path))
+    assert stopped_at < STEPS and os.listdir(tmp_path / 'checkpoints') == [f'step_{stopped_at:08d}']
+    meta = trainer.checkpoint_meta(tmp_path / 'checkpoints' / f'step_{stopped_at:08d}')
+    assert meta['step'] == stopped_at
+
+
 def test_kill_during_checkpoint_save_resumes_from_previous(reference, data_dir, tmp_path):
     _, loss = reference
-    # tests/hang_in_save.py freezes the save of step 8 after the shards are written, before meta.json
-    p = start('tests/hang_in_save.py', ['8', 'pretrain.py', *TINY, f'--out_dir={tmp_path}', f'--data_dir={data_dir}'],
+    # tests/during_save.py freezes the save of step 8 after the shards are written, before meta.json
+    p = start('tests/during_save.py', ['hang', '8', 'pretrain.py', *TINY, f'--out_dir={tmp_path}', f'--data_dir={data_dir}'],
               wait=False)
     step8 = tmp_path / 'checkpoints' / 'step_00000008'
     wait_for(lambda: (step8 / '.metadata').exists(), p)
