@@ -145,6 +145,82 @@ def test_loss_is_the_mean_over_assistant_tokens(mistral):
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
+def reduction_batches():
+    """Four micro-batches of random tokens with 2, 5, 13 and 24 trained targets: the two
+    reductions weigh them differently."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for trained in (2, 5, 13, 24):
+        x = torch.randint(0, 64, (2, 16), generator=g)
+        y = torch.full((2, 16), -1)
+        y.view(-1)[torch.randperm(32, generator=g)[:trained]] = torch.randint(0, 64, (trained,), generator=g)
+        batches.append((x, y))
+    return batches
+
+
+def reduction_model():
+    """The same weights in one process and, sharded, on every rank (trainer.build_model's CPU path)."""
+    return trainer.build_model(model_args('tiny', vocab_size=64), torch.device('cpu'), seed=0)
+
+
+def by_hand(batches, loss_reduction):
+    """The step's loss written out: -log p(target) summed per micro-batch, then divided by all
+    trained tokens of the step ('sum') or averaged over the micro-batch means ('mean'); and the
+    norm of its gradient."""
+    model = reduction_model()
+    sums, counts = [], []
+    for x, y in batches:
+        log_probs = model(x)[0].double().log_softmax(-1)
+        trained = y != -1
+        sums.append(-log_probs[trained].gather(1, y[trained][:, None]).sum())
+        counts.append(int(trained.sum()))
+    if loss_reduction == 'sum':
+        loss = sum(sums) / sum(counts)
+    else:
+        loss = sum(s / n for s, n in zip(sums, counts)) / len(batches)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+
+
+def step_stats(batches, loss_reduction):
+    """trainer.train_step with sft.py's loss for loss_reduction, lr 0 and no clipping."""
+    import sft
+    model = reduction_model()
+    optimizer = trainer.build_optimizer(model, 0.0, 0.0, (0.9, 0.95), 1e-8, torch.device('cpu'))
+    loss_fn = trainer.lm_loss if loss_reduction == 'sum' else sft.batch_mean_lm_loss
+    return trainer.train_step(model, optimizer, batches, loss_fn, lr=0.0, grad_clip=1e9)
+
+
+def reduction_rank(rank, store, out):
+    """Rank `rank` of 2 (gloo, FSDP2): micro-batches rank, rank + 2 of reduction_batches()."""
+    torch.distributed.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
+    import sft
+    model = reduction_model()
+    results = {}
+    for loss_reduction in ('sum', 'mean'):
+        optimizer = trainer.build_optimizer(model, 0.0, 0.0, (0.9, 0.95), 1e-8, torch.device('cpu'))
+        loss_fn = trainer.lm_loss if loss_reduction == 'sum' else sft.batch_mean_lm_loss
+        stats = trainer.train_step(model, optimizer, reduction_batches()[rank::2], loss_fn, lr=0.0, grad_clip=1e9)
+        results[loss_reduction] = (stats['loss'], stats['grad_norm'])
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def test_loss_reduction_sum_weighs_every_token_and_mean_every_micro_batch(tmp_path):
+    batches = reduction_batches()
+    expected = {r: by_hand(batches, r) for r in ('sum', 'mean')}
+    assert expected['sum'][0] != pytest.approx(expected['mean'][0], rel=1e-3)  # the test tells them apart
+    for loss_reduction, (loss, grad_norm) in expected.items():  # one process, 4 micro-batches
+        stats = step_stats(batches, loss_reduction)
+        assert stats['loss'] == pytest.approx(loss, rel=1e-5) and stats['grad_norm'] == pytest.approx(grad_norm, rel=1e-4)
+    # 2 ranks x 2 micro-batches each: normalised over the whole step, both ranks' tokens together
+    torch.multiprocessing.spawn(reduction_rank, args=(str(tmp_path / 'store'), str(tmp_path / 'out.json')), nprocs=2)
+    for loss_reduction, (loss, grad_norm) in json.loads((tmp_path / 'out.json').read_text()).items():
+        assert loss == pytest.approx(expected[loss_reduction][0], rel=1e-5), loss_reduction
+        assert grad_norm == pytest.approx(expected[loss_reduction][1], rel=1e-4), loss_reduction
+
+
 def test_loader_epochs_ranks_and_resume():
     ids = np.arange(1, 41, dtype=np.int32)  # 10 conversations of 4 tokens: 1-4, 5-8, ...
     mask = np.ones(40, dtype=bool)
