@@ -25,7 +25,8 @@ eps = 1e-8                     # [assumption] AdamW's default; the script does n
 grad_clip = 1.0                # [script] default --grad_clip
 # token budget: [paper] >2T tokens over all phases, ~1.4T from SlimPajama + DCLM plus the stack.
 # [assumption] nearly all of it here, at 2k context where it is cheapest: 1.9T tokens.
-max_steps = 1_812_000          # 1.9e12 / 1,048,576 tokens per step
+max_steps = 1_812_000          # 1.9e12 / 1,048,576 tokens per step. data_moxin builds ~1.6e12 tokens, so this
+                               # is 1.19 epochs: every window once, then ~19% of them again, in a new order
 compile = True                 # [assumption] speed; bf16 compute + fp32 reduce comes with FSDP2 on CUDA
 activation_checkpointing = True  # [script] -g/--grad_checkpoint; needed for 4 x 2048 tokens per GPU
 ckpt_interval = 1000           # [assumption] ~40 min of 64 H100s at 40% MFU

@@ -208,6 +208,23 @@ def test_hf_streaming_and_parquet_sources(tmp_path, vocab, mistral):
     assert meta['cleaning']['hf']['kept'][0] == 6 and meta['cleaning']['pq']['kept'][0] == 3
 
 
+def test_hf_data_dirs_are_interleaved_without_repeating_any(tmp_path, vocab, mistral):
+    """the-stack-dedup's languages are data_dirs of one HF dataset, of very different sizes: each
+    document is read exactly once (with dedup off, as config/data_moxin.py builds), the small
+    language early, and none is repeated while the largest still has documents."""
+    rng = np.random.default_rng(7)
+    texts = {lang: [words_doc(rng, 60, vocab) for _ in range(n)] for lang, n in (('small', 2), ('large', 7))}
+    for lang, docs in texts.items():
+        (tmp_path / lang).mkdir()
+        write_jsonl(tmp_path / lang / 'rows.jsonl', docs, field='content')
+    source = dict(name='code', kind='hf', path='json', text_field='content', weight=1,
+                  data_dirs=[str(tmp_path / 'small'), str(tmp_path / 'large')])
+    build(config(tmp_path, [source], dedup=False))
+    docs = read_documents(tmp_path / 'out', 'train', mistral)
+    assert sorted(docs) == sorted(texts['small'] + texts['large'])
+    assert set(docs[:4]) >= set(texts['small'])  # alternating while both have documents
+
+
 @pytest.mark.parametrize('files, message', [
     ({'bad.txt': b'ok\n' * 300 + b'caf\xe9\n'}, r'bad.txt:301: invalid UTF-8 \(byte 0xe9\)$'),
     ({'bad.jsonl': b'{"text": "x"}\n{"text": "caf\xe9"}\n'}, r'bad.jsonl:2: invalid UTF-8'),
