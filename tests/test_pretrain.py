@@ -173,7 +173,7 @@ def test_run_learns_and_writes_final_checkpoint(reference):
 
 
 def test_torchrun_two_ranks_matches_single_process(reference, data_dir, tmp_path):
-    out, loss = reference
+    out, _ = reference
     # global batch 8 = batch 2 x 2 ranks x accumulation 2, derived
     args = [a for a in TINY if not a.startswith(('--batch_size', '--grad_accum'))] + ['--batch_size=2', '--global_batch_size=8']
     rc, stdout, stderr = run(args, tmp_path, data_dir, nproc=2)
