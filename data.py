@@ -144,9 +144,10 @@ def _read_hf(kwargs, data_dirs, field):
     import datasets
     kwargs = {'split': 'train', **kwargs, 'streaming': True}
     try:
-        if data_dirs:  # e.g. the-stack-dedup's per-language folders, interleaved so each language shows up early
+        if data_dirs:  # e.g. the-stack-dedup's per-language folders, interleaved so each language shows up
+            # early; each document once: 'all_exhausted' would repeat the small ones until the largest ends
             ds = datasets.interleave_datasets([datasets.load_dataset(**kwargs, data_dir=d) for d in data_dirs],
-                                              stopping_strategy='all_exhausted')
+                                              stopping_strategy='all_exhausted_without_replacement')
         else:
             ds = datasets.load_dataset(**kwargs)
     except Exception as e:  # offline, gated, misspelt: the library's messages run to many lines
