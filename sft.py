@@ -39,15 +39,18 @@ from dataloader import ChatLoader
 from model import ModelArgs
 from tokenizer import Tokenizer
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
-                     launch, lm_loss, lr_at, read_init_weights, train_step)
+                     grad_accum_for, launch, lm_loss, lr_at, read_init_weights, train_step)
+from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
-init_from = 'out/final.pt'     # the model to fine-tune: a .pt checkpoint of this project or an HF model dir
+init_from = 'out/final.pt'     # the model to fine-tune: a .pt checkpoint of this project, an HF model dir or hub id
 dataset = 'pydoc'              # 'pydoc', a .jsonl file, or a Hugging Face dataset name (see above)
 block_size = 256               # tokens per conversation; longer ones are cut (their tail is not trained on)
 # batch: one optimizer step sees batch_size * grad_accum * world_size conversations
 batch_size = 8                 # conversations per micro-batch per rank
 grad_accum = 2
+global_batch_size = 0          # conversations per optimizer step over all ranks: when set, grad_accum is
+                               # derived from it (= global_batch_size / (batch_size * world_size))
 loss_reduction = 'mean'        # 'mean': each micro-batch's mean over its trained tokens weighs the same;
                                # 'sum': every trained token of the step weighs the same (open-instruct's
                                # --reduce_loss sum), normalised by the step's trained tokens over all ranks
@@ -86,11 +89,12 @@ def main(rank, world_size, device):
 
     # ---- the model's shape and tokenizer: from our own checkpoint when resuming, else from init_from
     resume_path = find_checkpoint(resume, out_dir)
+    accum = grad_accum_for(global_batch_size, batch_size, world_size, 'conversations') if global_batch_size else grad_accum
     init_state = None
     if resume_path:
         saved = checkpoint_meta(resume_path)
         args, tokenizer_spec = ModelArgs(**saved['model_args']), saved['tokenizer']
-    elif not os.path.exists(init_from):
+    elif not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo fine-tunes the demo "
                          f"model: run `python pretrain.py` first)")
     else:
@@ -117,30 +121,31 @@ def main(rank, world_size, device):
     if loss_reduction not in ('mean', 'sum'):
         raise UsageError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
     loss_fn = lm_loss if loss_reduction == 'sum' else batch_mean_lm_loss
-    max_steps = math.ceil(epochs * loader.steps_per_epoch / grad_accum)
+    max_steps = math.ceil(epochs * loader.steps_per_epoch / accum)
     warmup_steps = int(warmup_ratio * max_steps)  # as open-instruct rounds it
+
+    config = {k: globals()[k] for k in config_keys}
+    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
+              log_interval, ckpt_interval, keep_last)
 
     # ---- model, optimizer, and where the run stands
     model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
     del init_state
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
-    config = {k: globals()[k] for k in config_keys}
-    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
-              log_interval, ckpt_interval, keep_last)
     if master:
         print(describe_model(model, f"resumed from {resume_path}" if resume_path else f"init from {init_from}",
                              world_size, device))
         print(f"data: {dataset}: {loader.conversations:,} conversations, {len(ids):,} tokens, "
               f"{mask.sum() / len(ids):.0%} of them trained on; {describe_skipped(skipped)}")
-        print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
-              f"{batch_size * grad_accum * world_size} conversations; {epochs} epochs = {max_steps} steps, "
+        print(f"global batch: {batch_size} x {accum} accum x {world_size} ranks = "
+              f"{batch_size * accum * world_size} conversations; {epochs} epochs = {max_steps} steps, "
               f"{warmup_steps} of warmup, then linear decay to 0")
     run.start(model, optimizer, loader, resume_path, max_steps, 'sft')
 
     # ---- the loop
     while run.step < max_steps:
         step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio=0.0, decay='linear')
-        batches = [loader.next_batch() for _ in range(grad_accum)]
+        batches = [loader.next_batch() for _ in range(accum)]
         run.end_step(train_step(model, optimizer, batches, loss_fn, step_lr, grad_clip), step_lr)
 
     run.finish(tokenizer, with_hf=export_hf)

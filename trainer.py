@@ -6,6 +6,7 @@ their own data and define their own loss; the rest is here, in the order a run u
                                      bad input (UsageError) -> one line on stderr, exit code 2
     read_init_weights, build_model   the starting weights; the model, sharded with FSDP2 under torchrun
     build_optimizer, lr_at           AdamW (decay on matrices only); warmup + cosine/linear decay
+    grad_accum_for                   the accumulation that makes a recipe's global batch on this many ranks
     train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip)
                                      one optimizer step over grad_accum micro-batches
     find_checkpoint, Run             out_dir: log.jsonl, resumable checkpoints, signals, final.pt
@@ -173,6 +174,16 @@ def build_optimizer(model, lr, weight_decay, betas, eps, device):
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == 'cuda')
+
+
+def grad_accum_for(global_batch, batch_size, world_size, unit='sequences'):
+    """Micro-batches per optimizer step that make a recipe's global batch on this many ranks:
+    global_batch = batch_size x grad_accum x world_size, or a UsageError saying what divides."""
+    per_pass = batch_size * world_size
+    if global_batch <= 0 or global_batch % per_pass:
+        raise UsageError(f"global_batch_size={global_batch} {unit} is not a multiple of batch_size={batch_size} x "
+                         f"{world_size} ranks = {per_pass}: change batch_size (or the number of ranks) so that it divides")
+    return global_batch // per_pass
 
 
 def lr_at(step, peak_lr, warmup_steps, max_steps, min_lr_ratio=0.1, decay='cosine'):
@@ -354,6 +365,9 @@ class Run:
     """
 
     def __init__(self, out_dir, meta, log_interval=10, ckpt_interval=100, keep_last=2):
+        if not (isinstance(keep_last, int) and keep_last >= 0):
+            raise UsageError(f"keep_last={keep_last!r}: the number of newest checkpoints to keep, "
+                             f"an integer >= 0 (0 keeps every checkpoint)")
         self.out_dir, self.meta = out_dir, meta
         self.log_interval, self.ckpt_interval, self.keep_last = log_interval, ckpt_interval, keep_last
         self.ckpt_root = os.path.join(out_dir, 'checkpoints')
@@ -450,7 +464,8 @@ class Run:
         Write checkpoints/step_{step}: model and optimizer (each rank writes only its own shards),
         per-rank state (RNG, data loader position) and, last, meta.json with everything else.
         A kill at any point leaves either no meta.json (ignored on resume) or a complete checkpoint.
-        Then delete all but the newest keep_last complete checkpoints, and leftovers of failed saves.
+        Then delete all but the newest keep_last complete checkpoints (keep_last=0: keep them all),
+        and leftovers of failed saves.
         """
         path = os.path.join(self.ckpt_root, f'step_{self.step:08d}')
         if self.master and os.path.exists(path):
@@ -461,15 +476,14 @@ class Run:
         rank_state = _rank_state({'loader': self.loader.state_dict()})
         dcp.save({'model': model_sd, 'optim': optim_sd, f'rank{self.rank}': rank_state},
                  checkpoint_id=path, no_dist=not dist.is_initialized())  # returns once every rank has written
-        if os.environ.get('PRETRAIN_TEST_HANG_IN_SAVE') == str(self.step):
-            time.sleep(3600)  # test hook: freeze between the shards and meta.json so a test can kill us here
         if self.master:
             _write_json_atomic(os.path.join(path, 'meta.json'), {**self.meta, 'world_size': self.world_size,
                                                                  'step': self.step, 'tokens': self.tokens})
             complete = sorted(d for d in os.listdir(self.ckpt_root)
                               if os.path.exists(os.path.join(self.ckpt_root, d, 'meta.json')))
+            kept = complete[-self.keep_last:] if self.keep_last else complete
             for d in os.listdir(self.ckpt_root):
-                if d not in complete[-self.keep_last:] and d < os.path.basename(path):
+                if d not in kept and d < os.path.basename(path):
                     shutil.rmtree(os.path.join(self.ckpt_root, d), ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()

@@ -12,9 +12,10 @@ dataset = 'allenai/tulu-v2-sft-mixture'    # [design]
 out_dir = 'out/moxin7b_chat'
 block_size = 8192              # [tulu2] max sequence length 8,192 ([oi]'s yaml cuts it to 4096 to fit one GPU);
                                # longer conversations are cut, as open-instruct cuts them
-# global batch = 1 x 2 x 64 GPUs = 128 conversations. On N GPUs keep 128: grad_accum = 128 // N.
+# global batch 128 conversations: [tulu2] effective batch size 128; grad_accum = 128 / N: 16 on 8 GPUs, 2 on 64.
+global_batch_size = 128        # [tulu2]
 batch_size = 1                 # [oi] per-device batch 1: no padding at all
-grad_accum = 2
+loss_reduction = 'mean'        # [oi] finetune.py's default --reduce_loss mean: each micro-batch's mean weighs the same
 epochs = 2                     # [tulu2] two epochs ([oi]'s yaml has 3)
 lr = 2e-5                      # [tulu2] 2e-5 for 7B and 13B models; [oi] 2.0e-05
 warmup_ratio = 0.03            # [tulu2] [oi] then linear decay to 0
