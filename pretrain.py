@@ -64,7 +64,7 @@ export_hf = False             # also write {out_dir}/hf, an HF MistralForCausalL
 # dry run (dryrun.py): simulate this config on GPUs, here on the CPU; reads no data, writes nothing
 dry_run = False
 dry_run_gpus = 8              # GPUs to simulate
-gpu_memory_gb = 80            # memory per GPU, GiB
+gpu_memory_gb = 80.0          # memory per GPU, GiB
 gpu = 'H100'                  # whose datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) the time is computed for
 mfu = 0.4                     # the model FLOPs utilisation assumed for time and GPU-hours
 config_keys = settings(globals())
