@@ -81,6 +81,9 @@ def test_dry_run_matches_a_real_two_rank_run(tmp_path):
         assert layout(fake) == {k: [p, s, d] for k, (p, s, d) in real['layout'].items()}
     held = simulate(2).at_update
     assert (held['Sharded Param'], held['OptState']) == (real['params'], real['optimizer'])
+    # and the real run trains compiled, checkpointed, sharded blocks: one graph for all, the same loss
+    assert (real['graphs'], real['graph_breaks']) == (1, 0)
+    assert real['compiled_loss'] == pytest.approx(real['loss'], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- the report
