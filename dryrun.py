@@ -38,7 +38,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -193,9 +192,11 @@ def dry_run(args, config, max_steps, loss_fn=lm_loss, make_batch=random_tokens):
         for setup in _alternatives(configured, results[configured].peak, capacity):
             results[setup] = simulate(args, config, setup, loss_fn, make_batch)
     print(_table(results, capacity))
+    if config['compile']:
+        print("compile=True: measured without it (Dynamo does not trace under the dry run's dispatch modes); "
+              "compiled blocks keep a different set of tensors for backward")
     print(_arithmetic(args, config, configured, max_steps, results[configured].plan))
-    print(f"(dry run: {len(results)} simulation(s) of {gpus if len(results) == 1 else 'N'} fake ranks on this CPU "
-          f"in {time.time() - t0:.0f}s; nothing read or written)")
+    print(f"(dry run: {len(results)} simulation(s) on this CPU in {time.time() - t0:.0f}s; nothing read or written)")
 
 
 def _fits(peak, capacity):
@@ -229,7 +230,11 @@ def _alternatives(setup, peak, capacity):
 
 def _describe(setup):
     ac = 'AC on' if setup.activation_checkpointing else 'AC off'
-    return f"{setup.gpus} GPUs, {setup.batch_size} x {setup.grad_accum} accum, {ac}"
+    return f"{_gpus(setup.gpus)}, {setup.batch_size} x {setup.grad_accum} accum, {ac}"
+
+
+def _gpus(n):
+    return f"{n} GPU{'s' if n > 1 else ''}"
 
 
 def _table(results, capacity):
@@ -251,6 +256,10 @@ def _table(results, capacity):
     return f"dry run: the configured run {verdict}\n\n" + '\n'.join(lines) + '\n'
 
 
+def _number(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _size(n):
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.2f} MiB"
 
@@ -264,7 +273,7 @@ def _arithmetic(args, config, setup, max_steps, plan):
     per_token = flops_per_token(args, block)
     seconds = tokens * per_token / (setup.gpus * peak_flops * config['mfu'])
     lines = [
-        f"tokens/step: {setup.batch_size} x {setup.grad_accum} accum x {setup.gpus} GPUs = {sequences:,} sequences "
+        f"tokens/step: {setup.batch_size} x {setup.grad_accum} accum x {_gpus(setup.gpus)} = {sequences:,} sequences "
         f"x {block:,} = {tokens:,}",
         f"FLOPs/token: {per_token:.4g} = {flops_per_token(args, 0):.4g} for the weights (6 per matmul weight) + "
         f"{per_token - flops_per_token(args, 0):.4g} for attention over {block:,} tokens (trainer.flops_per_token)",
@@ -272,8 +281,8 @@ def _arithmetic(args, config, setup, max_steps, plan):
         f"({config['gpu']} bf16 datasheet peak) x MFU {config['mfu']:.0%}) = {seconds:.3g} s"]
     if max_steps:
         hours = max_steps * seconds / 3600
-        lines.append(f"whole run: {max_steps:,} steps = {max_steps * tokens:.4g} tokens: {hours / 24:,.3g} days "
-                     f"on {setup.gpus} GPUs = {hours * setup.gpus:,.4g} GPU-hours")
+        lines.append(f"whole run: {max_steps:,} steps = {max_steps * tokens:.4g} tokens: {_number(hours / 24)} days "
+                     f"on {_gpus(setup.gpus)} = {_number(hours * setup.gpus)} GPU-hours")
     (n_model, model_bytes), (n_optim, optim_bytes) = plan['model'], plan['optim']
     lines.append(f"checkpoint (DCP, all ranks together): model {n_model} tensors, {_size(model_bytes)} + optimizer "
                  f"{n_optim} tensors, {_size(optim_bytes)} per save; final.pt {_size(model_bytes)}")

@@ -88,16 +88,17 @@ def test_dry_run_matches_a_real_two_rank_run(tmp_path):
 
 # ----------------------------------------------------------------------------- the report
 
-def dry_run_cli(*args):
-    rc, out, err = start('pretrain.py', ['--preset=tiny', '--batch_size=1', '--block_size=16', '--dry_run', *args])
-    assert rc == 0, err
-    assert len(re.findall(r'^\| --- \|', out, re.M)) == 1, out  # one table
+def one_table(out):
+    assert len(re.findall(r'^\| --- \|', out, re.M)) == 1, out
     return out
 
 
-def test_a_run_that_fits_says_so():
-    out = dry_run_cli('--dry_run_gpus=2', '--gpu_memory_gb=80')
-    assert 'the configured run fits' in out and 'would fit with' not in out
+def test_a_run_that_fits_says_so(capsys):
+    config = {**CONFIG, 'batch_size': 1, 'grad_accum': 1, 'activation_checkpointing': False, 'compile': False,
+              'dry_run_gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4}
+    dryrun.dry_run(model_args('tiny'), config, max_steps=200)
+    out = one_table(capsys.readouterr().out)
+    assert 'the configured run fits' in out and 'would fit with' not in out and 'try: ' not in out
     assert 'whole run: 200 steps' in out and 'GPU-hours' in out
 
 
@@ -105,12 +106,23 @@ def test_a_run_that_does_not_fit_names_what_would_and_tried_it():
     # on one GPU, sized so that the weights, gradients and AdamW state alone leave no room
     one_gpu = simulate(1, batch_size=1, grad_accum=1, block_size=16).peak['Total']
     gib = 0.7 * one_gpu / dryrun.GIB
-    out = dry_run_cli('--dry_run_gpus=1', f'--gpu_memory_gb={gib}')
+    rc, out, err = start('pretrain.py', ['--preset=tiny', '--batch_size=1', '--block_size=16', '--dry_run',
+                                         '--dry_run_gpus=1', f'--gpu_memory_gb={gib}'])
+    assert rc == 0, err
+    one_table(out)
     assert 'the configured run does NOT fit' in out
     fix = re.search(r'it would fit with: (.*)', out).group(1)
     assert re.search(r'\b(2|4) GPUs', fix), out  # more GPUs shard the state further
     columns = out.splitlines()[2].split(' | ')
     assert any(c.startswith('try: ') and re.search(r'\b(2|4) GPUs', c) for c in columns), out  # tried, in the table
+
+
+@pytest.mark.parametrize('key, value', [('dry_run_gpus', 0), ('gpu', 'TPU v5'), ('mfu', 1.5)])
+def test_bad_dry_run_settings_name_the_setting(key, value):
+    config = {**CONFIG, 'batch_size': 1, 'grad_accum': 1, 'activation_checkpointing': False, 'compile': False,
+              'dry_run_gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4, key: value}
+    with pytest.raises(trainer.UsageError, match=f'^{key}='):
+        dryrun.dry_run(model_args('tiny'), config, max_steps=10)
 
 
 # ----------------------------------------------------------------------------- compile with activation checkpointing
