@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -106,6 +105,8 @@ class Measurement:
 
 def simulate(args, config, setup, loss_fn=lm_loss, make_batch=random_tokens):
     """Two training steps of rank 0 of setup.gpus, on fake tensors. -> Measurement."""
+    # imported here: it imports torch._inductor, seconds that no training run should wait for
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     # the device is the CPU (a CPU build cannot run autograd on fake CUDA tensors); precision is CUDA's
     device = torch.device('cpu')
     with fake_ranks(setup.gpus) as fsdp:
@@ -281,8 +282,9 @@ def _arithmetic(args, config, setup, max_steps, plan):
         f"({config['gpu']} bf16 datasheet peak) x MFU {config['mfu']:.0%}) = {seconds:.3g} s"]
     if max_steps:
         hours = max_steps * seconds / 3600
-        lines.append(f"whole run: {max_steps:,} steps = {max_steps * tokens:.4g} tokens: {_number(hours / 24)} days "
-                     f"on {_gpus(setup.gpus)} = {_number(hours * setup.gpus)} GPU-hours")
+        took = f"{_number(hours)} hours" if hours < 48 else f"{_number(hours / 24)} days"
+        lines.append(f"whole run: {max_steps:,} steps = {max_steps * tokens:.4g} tokens: {took} on {_gpus(setup.gpus)} "
+                     f"= {_number(hours * setup.gpus)} GPU-hours")
     (n_model, model_bytes), (n_optim, optim_bytes) = plan['model'], plan['optim']
     lines.append(f"checkpoint (DCP, all ranks together): model {n_model} tensors, {_size(model_bytes)} + optimizer "
                  f"{n_optim} tensors, {_size(optim_bytes)} per save; final.pt {_size(model_bytes)}")
