@@ -12,10 +12,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import dryrun
 import model as model_module
+import pretrain
+import sft
 import trainer
+from configurator import apply_overrides
 from model import Transformer, model_args
 from shard_probe import layout
-from training_runs import start
+from training_runs import ROOT, start
 from weights import save_checkpoint
 
 CONFIG = dict(seed=0, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, block_size=32)
@@ -175,3 +178,17 @@ def test_wrappers_leave_checkpoint_keys_unchanged(eager_compile, tmp_path):
     dcp.save({'model': get_model_state_dict(model)}, checkpoint_id=str(tmp_path / 'dcp'), no_dist=True)  # Run.save
     saved = dcp.FileSystemReader(str(tmp_path / 'dcp')).read_metadata().state_dict_metadata
     assert {k.removeprefix('model.') for k in saved} == names
+
+
+@pytest.mark.parametrize('stage, argv', [
+    (pretrain, ['config/moxin7b_phase1.py', '--dry_run', '--dry_run_gpus=64']),
+    (pretrain, ['config/moxin7b_phase1.py', '--dry_run', '--dry_run_gpus=16', '--gpu_memory_gb=40', '--gpu=A100',
+                  '--mfu=0.35', '--grad_accum=8']),
+    (sft, ['config/sft_tulu3.py', '--dry_run', '--dry_run_gpus=8', '--grad_accum=16'])])
+def test_the_readme_dry_run_commands_parse(stage, argv, monkeypatch):
+    """The README's 7B dry runs take minutes; here their settings are checked to be what they say."""
+    monkeypatch.chdir(ROOT)
+    settings = {k: getattr(stage, k) for k in stage.config_keys}
+    apply_overrides(settings, stage.config_keys, argv)
+    assert settings['dry_run'] is True and dryrun.preset_args(settings['preset'], {}).n_layers == 36
+    assert trainer.datasheet_peak(settings['gpu']) is not None
