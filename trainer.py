@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch._guards import active_fake_mode
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
-from torch._guards import active_fake_mode
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -128,9 +128,10 @@ def build_model(args, device, seed, init_state=None, compile=False, activation_c
 
     On CUDA the shards are materialised directly, so a 7B model never exists whole on one GPU, and
     initialised in place (DTensor's CUDA RNG offsets each shard's draws by its place in the full
-    tensor, so the ranks agree). On CPU (small models, tests) it cannot, so every rank first builds the whole model
-    from the same seed and then shards it: the initial weights, and the losses, do not depend on
-    world_size. Fake tensors (dryrun.py) have no values to keep equal and take the CUDA path.
+    tensor, so the ranks agree). On CPU (small models, tests) it cannot, so every rank first builds
+    the whole model from the same seed and then shards it: the initial weights, and the losses, do
+    not depend on world_size. Fake tensors (dryrun.py) have no values to keep equal: they take the
+    CUDA path.
     fsdp: (device mesh, MixedPrecisionPolicy) to shard with; default: all ranks, fsdp_precision(device).
     """
     with torch.device('meta'):
