@@ -224,7 +224,8 @@ def _alternatives(setup, peak, capacity):
         gpus = setup.gpus * 2
         while sharded * setup.gpus / gpus + rest > HEADROOM * capacity:
             gpus *= 2
-        accum = setup.grad_accum * setup.gpus // gpus if (setup.grad_accum * setup.gpus) % gpus == 0 else setup.grad_accum
+        micro_batches = setup.grad_accum * setup.gpus  # per step, over all GPUs
+        accum = micro_batches // gpus if micro_batches % gpus == 0 else setup.grad_accum
         tries.append(replace(setup, gpus=gpus, grad_accum=accum))
     return tries
 
@@ -253,7 +254,7 @@ def _table(results, capacity):
     verdict = 'fits' if _fits(results[setups[0]].peak, capacity) else 'does NOT fit'
     fixes = [_describe(s) for s in setups[1:] if _fits(results[s].peak, capacity)]
     if len(setups) > 1:
-        verdict += ('; it would fit with: ' + ' | '.join(fixes)) if fixes else '; none of the tried settings fits either'
+        verdict += f"; it would fit with: {' | '.join(fixes)}" if fixes else '; none of the tried settings fits either'
     return f"dry run: the configured run {verdict}\n\n" + '\n'.join(lines) + '\n'
 
 
