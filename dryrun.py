@@ -23,9 +23,9 @@ Time is arithmetic, not measured: FLOPs per token (trainer.flops_per_token, the 
 the training log uses) over the GPU's datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) at an assumed MFU.
 
 A stage calls dry_run(args, config, max_steps) early in main(), with its model shape, its settings
-(batch_size, block_size, grad_accum, the optimizer's, compile, activation_checkpointing and the
-dry_run_* ones) and its number of optimizer steps; a stage with its own loss and batches passes
-them too (loss_fn as train_step takes it, make_batch(batch_size, block_size, vocab_size)).
+(batch_size, block_size, grad_accum, the optimizer's, compile, activation_checkpointing, dry_run_gpus,
+gpu_memory_gb, gpu, mfu) and its number of optimizer steps; a stage with its own loss and batches
+passes them too (loss_fn as train_step takes it, make_batch(batch_size, block_size, vocab_size)).
 """
 import time
 import warnings
@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from model import model_args
 from trainer import (GPU_PEAK_FLOPS, UsageError, build_model, build_optimizer, datasheet_peak, flops_per_token,
@@ -147,21 +148,10 @@ def checkpoint_plan(model, optimizer):
         raise RuntimeError(f"checkpoint keys carry a wrapper's prefix: {leaked[:3]}")
 
     def size(tree):
-        tensors = [t for t in _leaves(tree) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
         # a DTensor's numel is the full tensor's: the bytes all ranks write together
         return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
     return {'model': size(model_sd), 'optim': size(optim_sd)}
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 def preset_args(preset, overrides):
@@ -175,7 +165,9 @@ def preset_args(preset, overrides):
 def dry_run(args, config, max_steps, loss_fn=lm_loss, make_batch=random_tokens):
     """Simulate the configured run on config['dry_run_gpus'] GPUs and print one table: the per-GPU
     peak by kind against gpu_memory_gb, and, when it does not fit, the settings that would, each
-    tried; then the run's arithmetic (tokens, FLOPs, time, GPU-hours at the assumed MFU)."""
+    tried; then the run's arithmetic (tokens, FLOPs, time, GPU-hours at the assumed MFU).
+    max_steps: the run's optimizer steps, None if unknown, or a function of the number of GPUs
+    (a fine-tuning stage's steps depend on how many GPUs share each epoch)."""
     t0 = time.time()
     if dist.is_initialized():
         raise UsageError("dry_run: run it as one plain process (python, not torchrun); it simulates the GPUs itself")
@@ -186,6 +178,8 @@ def dry_run(args, config, max_steps, loss_fn=lm_loss, make_batch=random_tokens):
         raise UsageError(f"gpu={gpu!r}: no datasheet peak for it (known: {', '.join(GPU_PEAK_FLOPS)})")
     if not 0 < mfu <= 1:
         raise UsageError(f"mfu={mfu!r}: the fraction of the GPU's peak FLOP/s the run achieves, in (0, 1]")
+    if callable(max_steps):
+        max_steps = max_steps(gpus)
     capacity = config['gpu_memory_gb'] * GIB
     configured = Setup(gpus, config['batch_size'], config['grad_accum'], config['activation_checkpointing'])
     results = {configured: simulate(args, config, configured, loss_fn, make_batch)}

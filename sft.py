@@ -91,7 +91,8 @@ def batch_mean_lm_loss(model, batch):
 
 def main(rank, world_size, device):
     if dry_run:  # every conversation at block_size: the most memory and time a step can take
-        steps = math.ceil(epochs * (dataset_conversations // (batch_size * dry_run_gpus)) / grad_accum)
+        def steps(gpus):  # as ChatLoader and max_steps below count them
+            return math.ceil(epochs * (dataset_conversations // (batch_size * gpus)) / grad_accum)
         return dryrun.dry_run(dryrun.preset_args(preset, {}), {k: globals()[k] for k in config_keys}, steps)
     master = rank == 0
     t_start = time.time()
