@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from model import model_args
 from trainer import (GPU_PEAK_FLOPS, UsageError, build_model, build_optimizer, datasheet_peak, flops_per_token,
-                     fsdp_precision, lm_loss, train_step)
+                     fsdp_precision, grad_accum_for, lm_loss, train_step)
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # of gpu_memory_gb the tracked tensors may use: the rest is CUDA context, NCCL, fragmentation
@@ -180,6 +180,8 @@ def dry_run(args, config, max_steps, loss_fn=lm_loss, make_batch=random_tokens):
         raise UsageError(f"mfu={mfu!r}: the fraction of the GPU's peak FLOP/s the run achieves, in (0, 1]")
     if callable(max_steps):
         max_steps = max_steps(gpus)
+    if config.get('global_batch_size'):  # the recipe's global batch on the simulated GPUs, as a real run derives it
+        config = {**config, 'grad_accum': grad_accum_for(config['global_batch_size'], config['batch_size'], gpus)}
     capacity = config['gpu_memory_gb'] * GIB
     configured = Setup(gpus, config['batch_size'], config['grad_accum'], config['activation_checkpointing'])
     results = {configured: simulate(args, config, configured, loss_fn, make_batch)}

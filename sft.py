@@ -95,7 +95,8 @@ def batch_mean_lm_loss(model, batch):
 def main(rank, world_size, device):
     if dry_run:  # every conversation at block_size: the most memory and time a step can take
         def steps(gpus):  # as ChatLoader and max_steps below count them
-            return math.ceil(epochs * (dataset_conversations // (batch_size * gpus)) / grad_accum)
+            accum = grad_accum_for(global_batch_size, batch_size, gpus, 'conversations') if global_batch_size else grad_accum
+            return math.ceil(epochs * (dataset_conversations // (batch_size * gpus)) / accum)
         return dryrun.dry_run(dryrun.preset_args(preset, {}), {k: globals()[k] for k in config_keys}, steps)
     master = rank == 0
     t_start = time.time()
