@@ -28,17 +28,17 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
-from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch._guards import active_fake_mode
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from configurator import configure
@@ -107,51 +107,65 @@ def read_init_weights(path, rank, world_size):
     return ModelArgs(**args), state, tokenizer_spec
 
 
-def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False):
+def fsdp_precision(device_type):
+    """FSDP2's precision on a device: on CUDA compute in bf16 (each block's weights are all-gathered
+    as bf16) while the weights, the gradient reduction and the optimizer stay fp32; CPU computes in
+    fp32 throughout (its bf16 matmuls are slow)."""
+    if device_type == 'cuda':
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False, fsdp=None):
     """
     Build the Transformer on the meta device (no memory), then materialise it.
     init_state: a full state dict to start from (on rank 0; other ranks pass {}), or None for random init.
 
-    Under torchrun each block, then the root, is wrapped with FSDP2's fully_shard: a block's
-    weights are all-gathered just before it runs and freed after, gradients are reduce-scattered.
-    On CUDA the shards are materialised directly, so a 7B model never exists whole on one GPU;
-    compute runs in bf16 while the weights, gradient reduction and optimizer stay in fp32.
-    On CPU (small models, tests) every rank first builds the whole model from the same seed and
-    then shards it, so the initial weights, and hence the losses, do not depend on world_size.
+    Each block is wrapped in order: activation checkpointing (a wrapper module that keeps only the
+    block's input and recomputes the rest during backward), then torch.compile with fullgraph=True
+    (a graph break is an error, not a silent fall back to eager), then, under torchrun, FSDP2's
+    fully_shard, then the root: a block's weights are all-gathered just before it runs and freed
+    after, gradients are reduce-scattered. The wrappers keep the state-dict keys unchanged.
+
+    On CUDA the shards are materialised directly, so a 7B model never exists whole on one GPU, and
+    initialised in place (DTensor's CUDA RNG offsets each shard's draws by its place in the full
+    tensor, so the ranks agree). On CPU (small models, tests) it cannot, so every rank first builds
+    the whole model from the same seed and then shards it: the initial weights, and the losses, do
+    not depend on world_size. Fake tensors (dryrun.py) have no values to keep equal: they take the
+    CUDA path.
+    fsdp: (device mesh, MixedPrecisionPolicy) to shard with; default: all ranks, fsdp_precision(device).
     """
     with torch.device('meta'):
         model = Transformer(args)
-    for block in model.layers:
+    for i, block in enumerate(model.layers):
         if activation_checkpointing:
-            # keep only each block's input; its activations are recomputed during backward
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+            # a module, not a patched forward: torch.utils.checkpoint called directly turns Dynamo off
+            # beneath it, so a compiled block would silently run eagerly
+            model.layers[i] = block = checkpoint_wrapper(block)
         if compile:
-            block.compile()
-
-    def materialise():
-        model.to_empty(device=device)
-        torch.manual_seed(seed)
-        model.init_weights()
+            block.compile(fullgraph=True)  # in place: no `_orig_mod.` in the parameter names
 
     sharded = dist.is_initialized()
-    if sharded and device.type == 'cuda':
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        materialise()
-    elif sharded:
-        materialise()
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    else:
-        materialise()
+    mesh, precision = fsdp or (None, fsdp_precision(device.type))
+    shard_first = sharded and (device.type != 'cpu' or active_fake_mode() is not None)
+    if shard_first:
+        _shard(model, mesh, precision)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    if sharded and not shard_first:
+        _shard(model, mesh, precision)
     if init_state is not None:
         # rank 0 holds the full weights; each rank receives just its shards
         set_model_state_dict(model, init_state, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=sharded))
     return model
+
+
+def _shard(model, mesh, precision):
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision)
 
 
 def autocast_context(device):

@@ -29,3 +29,5 @@ ckpt_interval = 250            # [assumption] 2 epochs x 326k / 128 = ~5,100 ste
 keep_last = 2
 log_interval = 10
 workers = 8                    # [assumption] tokenizing processes per rank: 64 on an 8-GPU node
+preset = 'moxin-7b'            # for --dry_run: init_from's shape (it reads no weights)
+dataset_conversations = 326_154  # for --dry_run's whole-run time: the HF dataset card's train rows

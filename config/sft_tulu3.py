@@ -34,3 +34,5 @@ ckpt_interval = 500            # [assumption] 2 epochs x 939k / 128 = ~14,700 st
 keep_last = 2
 log_interval = 10
 workers = 8                    # [assumption] tokenizing processes per rank: 64 on an 8-GPU node
+preset = 'moxin-7b'            # for --dry_run: init_from's shape (it reads no weights)
+dataset_conversations = 939_343  # for --dry_run's whole-run time: the HF dataset card's train rows
