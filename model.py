@@ -318,7 +318,10 @@ class Transformer(nn.Module):
         if cache is None:
             positions = torch.arange(idx.shape[1], device=idx.device)[None]
             return self.norm(self._blocks(idx, positions, positions, None))
-        chunks = [self._blocks(chunk, *cache.add(chunk.shape[1]), cache) for chunk in idx.split(cache.capacity, 1)]
+        chunks = []
+        for chunk in idx.split(cache.capacity, dim=1):
+            q_pos, k_pos = cache.add(chunk.shape[1])
+            chunks.append(self._blocks(chunk, q_pos, k_pos, cache))
         return self.norm(torch.cat(chunks, dim=1))
 
     def _blocks(self, idx, q_pos, k_pos, cache):
