@@ -9,6 +9,7 @@ command that fails is a bug.
   as far as loading that model and stops there with one line.
 """
 import os
+import random
 import re
 import shlex
 import shutil
@@ -103,7 +104,11 @@ def demo_dir(tmp_path_factory):
     for stage in ('', 'sft', 'dpo', 'grpo', 'sft_arithmetic'):
         save_checkpoint(str(root / 'out' / stage / 'final.pt'), model, 'mistral')
     (root / 'raw').mkdir()
-    (root / 'raw' / 'a.txt').write_text('A short document about the weather, long enough to be kept. ' * 8)
+    # enough distinct text for data.py's default val_tokens and some training shards
+    rng = random.Random(0)
+    words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 9))) for _ in range(2000)]
+    for n in range(60):
+        (root / 'raw' / f'{n}.txt').write_text(' '.join(rng.choice(words) for _ in range(2500)))
     (root / 'prompt.txt').write_text('def fibonacci(n):')
     return root
 
