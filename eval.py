@@ -281,6 +281,23 @@ def encode_pair(tokenizer, context, continuation, max_len):
 
 
 # ----------------------------------------------------------------------------- scoring
+#
+# A request is (inputs, targets): the targets' log-likelihood is read at the last
+# len(targets) input positions. The reference scorer below does exactly that, one forward
+# pass per request. score_unit gets the same numbers with far less work; it is tested
+# against the reference.
+
+@torch.no_grad()
+def score_reference(model, requests):
+    """Log-likelihood of each request's targets, one plain forward pass over its own inputs."""
+    device = model.tok_embeddings.weight.device
+    lls = []
+    for inputs, targets in requests:
+        logits, _ = model(torch.tensor([inputs], device=device))
+        logprobs = F.log_softmax(logits[0, -len(targets):], dim=-1)
+        lls.append(logprobs.gather(1, torch.tensor(targets, device=device)[:, None]).sum().item())
+    return lls
+
 
 def common_prefix_len(seqs):
     # os.path.commonprefix works on any sequences, comparing whole lists at C speed
@@ -289,11 +306,27 @@ def common_prefix_len(seqs):
 
 @torch.no_grad()
 def score_unit(model, questions, batch_size, progress):
-    """Log-likelihood of every request. questions: per question a list of (inputs, targets).
+    """Log-likelihood of every request, as score_reference gives it; questions: per question
+    a list of requests (inputs, targets).
 
-    Three levels of sharing: the `shared` tokens that begin every request of the unit
-    are prefilled once; a question's requests agree up to `end` (its context), computed
-    once per question; the rest of each request is a row of a right-padded batch."""
+    The work is shared at three levels, and every scored position still reads exactly the
+    tokens, at the same positions, that its own forward pass would:
+      1. the `shared` tokens that begin every request of the unit (MMLU: a subject's header
+         and shots) are prefilled once into a one-row cache;
+      2. the requests of a question agree up to its context's end; a batch of questions runs
+         their contexts as one forward pass from that cache, a row each, up to a common
+         fan-out point E;
+      3. each context row is then copied once per request (KVCache.select) and the rest of
+         every request, inputs[E:], runs as one right-padded batch.
+    The cache holds one position for all its rows, so every row of a batch must stop at the
+    same E: it is the shortest context's end in the batch, and what a longer context has
+    past E is recomputed in each of its request rows. Questions are sorted by context length,
+    so a batch's contexts are close in length and that recomputation is small. Padding is
+    only ever on the right, where causal attention keeps it from every real token.
+    A question whose requests all end with its context (MMLU: the answer is one letter,
+    predicted from the context's last position) needs no cache past it, so such questions
+    batch with their contexts right-padded instead. Logits (a dim x vocab matmul per token)
+    are computed only at the scored positions."""
     weight = model.tok_embeddings.weight
     requests = [r for q in questions for r in q]
     # stop before the first scored position: the shared tokens' hidden states are never read
@@ -304,23 +337,23 @@ def score_unit(model, questions, batch_size, progress):
         model.hidden(torch.tensor([requests[0][0][:shared]], device=weight.device), base)
 
     ends = [common_prefix_len([inputs for inputs, _ in q]) for q in questions]
-    # cache rows a question needs: one for its context, then one per request that goes past it
-    rows = [max(1, sum(len(inputs) > end for inputs, _ in q)) for q, end in zip(questions, ends)]
+    no_tail = [all(len(inputs) <= end for inputs, _ in q) for q, end in zip(questions, ends)]
+    # cache rows a question needs when it fans out at E: one per request that goes past E
+    rows = lambda i, E: max(1, sum(len(inputs) > E for inputs, _ in questions[i]))
     # longest first, like the harness; then by the longest request, so a batch's tails pad little
     order = sorted(range(len(questions)), key=lambda i: (ends[i], max(len(r[0]) for r in questions[i])), reverse=True)
     scores = [None] * len(questions)
-    # a question whose requests all end with its context (MMLU: one-letter answers) needs no
-    # cache past it, so it may join a batch of longer contexts, right-padded
-    no_tail = [all(len(inputs) <= end for inputs, _ in q) for q, end in zip(questions, ends)]
     while order:
-        # questions whose contexts end at the same position, so all cache rows sit at one
-        # position, or that need no cache past their context; at most batch_size rows (the
-        # first question always fits)
+        # the next questions of the same kind (tails or none) whose rows fit in batch_size;
+        # the first question always fits. Sorted, so the last one added has the shortest context.
         batch = [order.pop(0)]
-        while order and (ends[order[0]] == ends[batch[0]] or no_tail[order[0]] and no_tail[batch[0]]) \
-                and sum(rows[i] for i in batch + order[:1]) <= batch_size:
+        while order and no_tail[order[0]] == no_tail[batch[0]]:
+            end = ends[batch[0]] if no_tail[batch[0]] else ends[order[0]]
+            if sum(rows(i, end) for i in batch + order[:1]) > batch_size:
+                break
             batch.append(order.pop(0))
-        for i, lls in zip(batch, score_batch(model, base, shared, ends[batch[0]], [questions[i] for i in batch])):
+        end = ends[batch[0]] if no_tail[batch[0]] else ends[batch[-1]]
+        for i, lls in zip(batch, score_batch(model, base, shared, end, [questions[i] for i in batch])):
             scores[i] = lls
         progress.update(len(batch))
     return scores

@@ -169,10 +169,10 @@ def test_render_examples():
         ev.render_examples("piqa", [{"goal": "g", "sol1": "a", "label": 0}])
 
 
-def test_cache_sharing_equals_plain_forward():
-    """Shared prefix, per-question contexts, fanned-out continuations (some sharing their
-    first tokens), batches of equal-length contexts, a window of 8: every log-likelihood
-    equals one plain forward pass over the request's own tokens."""
+def test_fast_scorer_equals_reference():
+    """Shared prefix, contexts of different lengths batched together, fanned-out continuations
+    (some sharing their first tokens), one-token answers that need no cache past the context,
+    a window of 8: every log-likelihood equals score_reference's one forward pass per request."""
     torch.manual_seed(0)
     model = Transformer(model_args("tiny"))
     model.init_weights()
@@ -181,20 +181,17 @@ def test_cache_sharing_equals_plain_forward():
     rand = lambda n: torch.randint(3, 256, (n,), generator=g).tolist()
     prefix = rand(20)
     questions = []
-    for length in (5, 9, 5, 5, 12, 9):
+    for length in (5, 9, 5, 5, 12, 9, 30):
         context, common = prefix + rand(length), rand(2)
         questions.append([(context + common + tail[:-1], common + tail) for tail in (rand(3), rand(1), rand(6))])
+    for length in (4, 7):  # MMLU-like: one-token answers read at the context's last position
+        context = prefix + rand(length)
+        questions.append([(context, [t]) for t in rand(4)])
     questions.append([(prefix[:10] + rand(4), rand(2))])  # a question that shares only part of the prefix
-    for batch_size in (1, 3, 16):
-        bar = ev.tqdm(disable=True)
-        scores = ev.score_unit(model, questions, batch_size, bar)
-        for q, lls in zip(questions, scores):
-            for (inputs, targets), ll in zip(q, lls):
-                with torch.no_grad():
-                    logits, _ = model(torch.tensor([inputs]))
-                logprobs = logits[0, -len(targets):].log_softmax(-1)
-                expected = logprobs.gather(1, torch.tensor(targets)[:, None]).sum().item()
-                assert abs(ll - expected) < 1e-4
+    expected = [ev.score_reference(model, q) for q in questions]
+    for batch_size in (1, 3, 5, 16):
+        scores = ev.score_unit(model, questions, batch_size, ev.tqdm(disable=True))
+        assert max(abs(a - b) for lls, ref in zip(scores, expected) for a, b in zip(lls, ref)) < 1e-4
 
 
 def test_command_line_writes_table_and_json(hf_dir, tmp_path):
