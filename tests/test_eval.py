@@ -14,7 +14,7 @@ import torch
 import eval as ev
 from tokenizer import Tokenizer
 from model import Transformer, model_args
-from weights import load_model
+from weights import export_hf, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "fixtures" / "eval"
@@ -245,3 +245,99 @@ def test_bad_data_dir(hf_dir, tmp_path, capsys):
                                                        "answer": "1"}])
     fails(tmp_path, "winogrande", f"{tmp_path}/winogrande/validation.jsonl line 1: cannot render this winogrande "
                                   "row (ValueError: substring not found)")
+
+
+# ----------------------------------------------------------------------------- generative tasks
+
+def train_gsm8k_model(path, steps=100):
+    """A tiny Mistral that has learnt the gsm8k fixture's format for a few seconds, so that its
+    greedy answers look like worked solutions, end with "#### N" and go on into the next
+    "Question:", where generation must stop. Its byte-level BPE tokenizer (400 tokens, trained
+    on the same text) keeps the output head small; both are saved as an HF model directory."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rows = [json.loads(line) for line in (DATA / "gsm8k" / "train.jsonl").open()]
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows]
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "clean_up_tokenization_spaces": False}))
+    torch.manual_seed(0)
+    # a window of 32, well inside the ~300-token prompts; trained on 32-token windows, where it is plain causal
+    model = Transformer(model_args("tiny", vocab_size=tok.get_vocab_size(), sliding_window=32, max_seq_len=1024))
+    model.init_weights()
+    g = torch.Generator().manual_seed(0)
+    stream = torch.tensor([t for i in range(30) for t in tok.encode(
+        "".join(texts[j] for j in torch.randperm(len(texts), generator=g))).ids])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - 33, (16,), generator=g)
+        batch = torch.stack([stream[s:s + 33] for s in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    export_hf(model.eval(), path, dtype=torch.float32)
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared machine run several times faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_dir(tmp_path_factory, one_thread):
+    path = tmp_path_factory.mktemp("gsm8k_model")
+    assert train_gsm8k_model(path) < 1.0
+    return path
+
+
+def harness_gsm8k(model_dir):
+    """Per test document lm-evaluation-harness's (generated text, {filter: (answer, exact_match)})."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml", resolve_func=True)
+    splits = {f.stem: [json.loads(line) for line in f.open()] for f in (DATA / "gsm8k").glob("*.jsonl")}
+    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=1, dtype=torch.float32)
+    result = evaluator.simple_evaluate(model=lm, tasks=[harness_task(cfg, splits, 5)], log_samples=True,
+                                       task_manager=TaskManager(include_defaults=False))
+    out = {}
+    for s in result["samples"]["gsm8k"]:
+        text, answers = out.setdefault(s["doc_id"], (s["resps"][0][0], {}))
+        assert s["resps"][0][0] == text
+        answers[s["filter"]] = (s["filtered_resps"][0], s["exact_match"])
+    return [out[i] for i in sorted(out)]
+
+
+def test_gsm8k_matches_harness(gsm8k_dir):
+    """The same prompts, the same greedy text cut at the same stop string, the same answers from
+    both filters and the same exact_match verdicts as lm-eval 0.4.13's HFLM, item by item."""
+    model, spec = load_model(str(gsm8k_dir))
+    result = ev.evaluate(model, Tokenizer.load(spec), "gsm8k", data_dir=str(DATA), batch_size=4, progress=False)
+    expected = harness_gsm8k(gsm8k_dir)
+    assert len(result["items"]) == len(expected) == 6
+    for item, (text, answers) in zip(result["items"], expected):
+        completion = item["completions"][0]
+        assert completion["text"] == text
+        for name in ("strict-match", "flexible-extract"):
+            assert (completion["extracted"][name], completion["scores"][f"exact_match,{name}"]) == answers[name]
+    stopped = [item["completions"][0]["stopped_by"] for item in result["items"]]
+    assert "Question:" in stopped  # the stop sequence is exercised
+    verdicts = [item["scores"]["exact_match,strict-match"] for item in result["items"]]
+    assert 0 < sum(verdicts) < len(verdicts)  # right and wrong answers both occur
+    assert result["metrics"]["exact_match,strict-match"] == sum(verdicts) / len(verdicts)
