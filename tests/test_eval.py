@@ -303,7 +303,13 @@ def gsm8k_dir(tmp_path_factory, one_thread):
     return path
 
 
-def harness_gsm8k(model_dir):
+# Moxin's (Tulu's) chat template, tokenizer.encode_chat's format, as a transformers chat template
+TULU_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def harness_gsm8k(model_dir, chat):
     """Per test document lm-evaluation-harness's (generated text, {filter: (answer, exact_match)})."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval import evaluator
@@ -315,7 +321,7 @@ def harness_gsm8k(model_dir):
     splits = {f.stem: [json.loads(line) for line in f.open()] for f in (DATA / "gsm8k").glob("*.jsonl")}
     lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=1, dtype=torch.float32)
     result = evaluator.simple_evaluate(model=lm, tasks=[harness_task(cfg, splits, 5)], log_samples=True,
-                                       task_manager=TaskManager(include_defaults=False))
+                                       apply_chat_template=chat, task_manager=TaskManager(include_defaults=False))
     out = {}
     for s in result["samples"]["gsm8k"]:
         text, answers = out.setdefault(s["doc_id"], (s["resps"][0][0], {}))
@@ -324,18 +330,28 @@ def harness_gsm8k(model_dir):
     return [out[i] for i in sorted(out)]
 
 
-def test_gsm8k_matches_harness(gsm8k_dir):
+@pytest.mark.parametrize("chat", [False, True])
+def test_gsm8k_matches_harness(gsm8k_dir, tmp_path, chat):
     """The same prompts, the same greedy text cut at the same stop string, the same answers from
-    both filters and the same exact_match verdicts as lm-eval 0.4.13's HFLM, item by item."""
+    both filters and the same exact_match verdicts as lm-eval 0.4.13's HFLM, item by item; with
+    --chat as with the harness's --apply_chat_template (the whole prompt as one user turn)."""
+    if chat:
+        shutil.copytree(gsm8k_dir, tmp_path / "chat")
+        gsm8k_dir = tmp_path / "chat"
+        config = json.loads((gsm8k_dir / "tokenizer_config.json").read_text())
+        (gsm8k_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TULU_TEMPLATE}))
     model, spec = load_model(str(gsm8k_dir))
-    result = ev.evaluate(model, Tokenizer.load(spec), "gsm8k", data_dir=str(DATA), batch_size=4, progress=False)
-    expected = harness_gsm8k(gsm8k_dir)
+    result = ev.evaluate(model, Tokenizer.load(spec), "gsm8k", data_dir=str(DATA), batch_size=4, progress=False,
+                         gen=ev.Generation(chat=chat))
+    expected = harness_gsm8k(gsm8k_dir, chat)
     assert len(result["items"]) == len(expected) == 6
     for item, (text, answers) in zip(result["items"], expected):
         completion = item["completions"][0]
         assert completion["text"] == text
         for name in ("strict-match", "flexible-extract"):
             assert (completion["extracted"][name], completion["scores"][f"exact_match,{name}"]) == answers[name]
+    if chat:  # the model has never seen the chat tags: its answers are whatever they are
+        return
     stopped = [item["completions"][0]["stopped_by"] for item in result["items"]]
     assert "Question:" in stopped  # the stop sequence is exercised
     verdicts = [item["scores"]["exact_match,strict-match"] for item in result["items"]]
