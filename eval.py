@@ -620,14 +620,19 @@ def complete(model, tokenizer, prompts, until, gen, max_new, batch_size, progres
     return out
 
 
+def generation_limit(task, gen, max_len):
+    max_new = gen.max_gen_toks or task.max_gen_toks
+    if max_new >= max_len:  # the harness's check: the prompt gets max_len - max_new tokens
+        raise EvalError(f"{task.name}: a generation limit of {max_new} tokens leaves no room for a prompt in the "
+                        f"model's context of {max_len} (set --max_gen_toks below it)")
+    return max_new
+
+
 def evaluate_generative(model, tokenizer, task, units, batch_size, gen, progress):
     """Per problem its prompt, completions and verdicts, and the task's metrics: each metric is
     the mean over problems of its mean over the problem's samples."""
     max_len = model.args.max_seq_len
-    max_new = gen.max_gen_toks or task.max_gen_toks
-    if max_new >= max_len:
-        raise EvalError(f"{task.name}: a generation limit of {max_new} tokens leaves no room for a prompt in the "
-                        f"model's context of {max_len} (set --max_gen_toks below it)")
+    max_new = generation_limit(task, gen, max_len)
     docs = [doc for _, unit_docs in units for doc in unit_docs]
     texts = [fewshot_prefix(task, row, shots) + problem.prompt for row, problem, shots in docs]
     prompts = [encode_prompt(tokenizer, text, gen.chat, max_len - max_new) for text in texts]
@@ -699,6 +704,8 @@ def evaluate(model, tokenizer, task_name, num_fewshot=None, data_dir=None, limit
         raise EvalError(f"{task.name} is zero-shot: it has no split to draw shots from")
     if gen.chat and not task.grade:
         raise EvalError(f"--chat applies to generative tasks, and {task.name} is multiple choice")
+    if task.grade:
+        generation_limit(task, gen, model.args.max_seq_len)
     units = load_units(task, k, data_dir, limit)
     n = sum(len(docs) for _, docs in units)
     bar = tqdm(total=n * (gen.samples if task.grade else 1), desc=f"{task_name} {k}-shot", disable=not progress,

@@ -215,7 +215,16 @@ def write_task(root, task, split, rows):
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "arc_easy,squad"], "unknown task 'squad' (known: arc_easy, arc_challenge, hellaswag, piqa, "
-                                    "winogrande, mmlu)"),
+                                    "winogrande, mmlu, gsm8k, math500)"),
+    # the default limit of math500 (4096) is beyond this model's context of 320
+    (["--tasks", "math500"], "math500: a generation limit of 4096 tokens leaves no room for a prompt in the model's "
+                             "context of 320 (set --max_gen_toks below it)"),
+    (["--tasks", "gsm8k", "--max_gen_toks", "320"], "gsm8k: a generation limit of 320 tokens leaves no room for a "
+                                                    "prompt in the model's context of 320 (set --max_gen_toks below it)"),
+    (["--tasks", "math500", "--num_fewshot", "2"], "math500 is zero-shot: it has no split to draw shots from"),
+    (["--tasks", "gsm8k", "--samples", "4"], "--samples > 1 needs --temperature > 0: greedy completions are all the same"),
+    (["--tasks", "piqa", "--chat"], "--chat applies to generative tasks, and piqa is multiple choice"),
+    (["--tasks", "gsm8k", "--log_samples"], "--log_samples writes into --out: give --out FILE.json"),
     (["--tasks", "piqa", "--suite", "moxin_zeroshot"], "give either --tasks or --suite"),
     (["--tasks", "hellaswag", "--num_fewshot", "4"], "hellaswag: 4 shots need 5 rows (one more than k: the question "
                                                      "itself is skipped), but its train split has 4"),
@@ -230,9 +239,9 @@ def test_bad_arguments(hf_dir, capsys, args, message):
 
 
 def test_bad_data_dir(hf_dir, tmp_path, capsys):
-    def fails(data_dir, task, message):
+    def fails(data_dir, task, message, *extra):
         with pytest.raises(SystemExit):
-            ev.main(["--ckpt", str(hf_dir), "--tasks", task, "--data_dir", str(data_dir)])
+            ev.main(["--ckpt", str(hf_dir), "--tasks", task, "--data_dir", str(data_dir), *extra])
         assert capsys.readouterr().err == f"error: {message}\n"
 
     fails(tmp_path, "arc_easy", f"{tmp_path}/arc_easy/test.jsonl not found: --data_dir needs arc_easy/test.jsonl")
@@ -245,6 +254,10 @@ def test_bad_data_dir(hf_dir, tmp_path, capsys):
                                                        "answer": "1"}])
     fails(tmp_path, "winogrande", f"{tmp_path}/winogrande/validation.jsonl line 1: cannot render this winogrande "
                                   "row (ValueError: substring not found)")
+    write_task(tmp_path, "gsm8k", "test", [{"question": "How many?", "answer": "#### 2"}, {"question": "And now?"}])
+    fails(tmp_path, "gsm8k", f"{tmp_path}/gsm8k/test.jsonl line 2: missing field 'answer'")
+    write_task(tmp_path, "math500", "test", [{"question": "What is 1 + 1?", "answer": "2"}])
+    fails(tmp_path, "math500", f"{tmp_path}/math500/test.jsonl line 1: missing field 'problem'", "--max_gen_toks", "64")
 
 
 # ----------------------------------------------------------------------------- generative tasks
@@ -357,3 +370,97 @@ def test_gsm8k_matches_harness(gsm8k_dir, tmp_path, chat):
     verdicts = [item["scores"]["exact_match,strict-match"] for item in result["items"]]
     assert 0 < sum(verdicts) < len(verdicts)  # right and wrong answers both occur
     assert result["metrics"]["exact_match,strict-match"] == sum(verdicts) / len(verdicts)
+
+
+# (model output, gold answer, verdict): each verdict argued
+MATH_CASES = [
+    # the plain case
+    ("So the sum is $\\boxed{\\frac{3}{4}}$.", "\\frac{3}{4}", True),
+    # nested braces: the box closes at the brace matching its own, not at the first "}"; the
+    # gold's \sqrt3 is LaTeX shorthand for \sqrt{3}
+    ("Hence $\\boxed{\\frac{\\sqrt{3}}{2}}$", "\\frac{\\sqrt3}{2}", True),
+    ("$\\boxed{\\{1, 2\\}}$", "\\{1,2\\}", True),  # escaped braces inside the box pair up too
+    # \dfrac is \frac at display size, \frac12 is \frac{1}{2}: one number written three ways
+    ("$\\boxed{\\dfrac{1}{2}}$", "\\frac12", True),
+    # 0.5 is exactly 1/2 (MATH's own normalisation maps "0.5" to \frac{1}{2}); a reward that
+    # rejected it would teach the model a notation, not mathematics
+    ("$\\boxed{0.5}$", "\\frac12", True),
+    # ...but only exactly: a rounded decimal is a different number
+    ("$\\boxed{0.33}$", "\\frac13", False),
+    # no \boxed: the instruction asks for one and a grader must not guess which number is meant
+    ("The answer is 5.", "5", False),
+    # cut off before the box closed: there is no final answer
+    ("so $\\boxed{\\frac{1}{2}", "\\frac{1}{2}", False),
+    # units after the number are not part of the answer (MATH's rule: what follows "\text{ ")
+    ("The side is $\\boxed{5\\text{ cm}}$.", "5", True),
+    ("$\\boxed{25\\text{cm}}$", "25", True),
+    ("$\\boxed{30^\\circ}$", "30", True),
+    ("$\\boxed{\\$18}$", "18", True),
+    ("$\\boxed{10\\%}$", "10", True),
+    # trailing text after the box does not matter; only the last box is the final answer
+    ("$\\boxed{7}$. Checking: 3 + 4 = 7, as required.", "7", True),
+    ("First $\\boxed{3}$, but that is wrong; correcting, $\\boxed{4}$ and done.", "3", False),
+    ("First $\\boxed{3}$, but that is wrong; correcting, $\\boxed{4}$ and done.", "4", True),
+    # "x = 2" answers with a name for the value; the value is what is graded
+    ("$\\boxed{x = 2}$", "2", True),
+    # one thousand with a separator, an integer written as a decimal, \left/\right sizing
+    ("$\\boxed{1,000}$", "1000", True),
+    ("$\\boxed{5.0}$", "5", True),
+    ("$\\boxed{5.01}$", "5", False),
+    ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$", "(3,\\frac{\\pi}{2})", True),
+    # an ordered pair keeps its order, and its comma is not a thousands separator
+    ("$\\boxed{(2,1)}$", "(1,2)", False),
+    # \text{} around a word is formatting; the word is the answer
+    ("$\\boxed{\\text{Evelyn}}$", "\\text{Evelyn}", True),
+    ("$\\boxed{\\text{Evelyn}}$", "Evelyn", True),
+    # MATH's brace-less form for a one-token answer
+    ("the answer is $\\boxed 5$.", "5", True),
+    # a different expression is wrong however it is written
+    ("$\\boxed{2\\sqrt{3}}$", "3\\sqrt{2}", False),
+]
+
+
+@pytest.mark.parametrize("output, answer, verdict", MATH_CASES)
+def test_math_grader(output, answer, verdict):
+    assert ev.math_reward(output, answer) == float(verdict)
+
+
+def test_extract_boxed():
+    assert ev.extract_boxed("a $\\boxed{\\frac{a}{\\sqrt{b}}}$ b") == "\\frac{a}{\\sqrt{b}}"
+    assert ev.extract_boxed("\\boxed{1} then \\fbox{2}") == "2"
+    assert ev.extract_boxed("no box") is None
+    assert ev.extract_boxed("\\boxed{open") is None
+
+
+def test_generative_command_line_logs_samples(gsm8k_dir, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    ev.main(["--ckpt", str(gsm8k_dir), "--tasks", "gsm8k,math500", "--limit", "2", "--max_gen_toks", "24",
+             "--data_dir", str(DATA), "--out", str(out), "--log_samples"])
+    assert "exact_match,flexible-extract" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["results"]["gsm8k"]["n"] == 2 and written["results"]["gsm8k"]["num_fewshot"] == 5
+    assert written["results"]["math500"]["num_fewshot"] == 0
+    gsm8k, math500 = written["samples"]["gsm8k"], written["samples"]["math500"]
+    assert gsm8k[0]["prompt"].startswith("Question: ") and gsm8k[0]["prompt"].endswith(
+        "Question: Ben has 7 bags with 6 marbles in each bag. How many marbles does he have?\nAnswer:")
+    assert gsm8k[0]["gold"].endswith("#### 42")
+    completion = gsm8k[0]["completions"][0]
+    assert set(completion["extracted"]) == {"strict-match", "flexible-extract"}
+    assert completion["stopped_by"] in ("Question:", "</s>", "<|im_end|>", "eos", "max_gen_toks")
+    assert math500[1]["prompt"] == ("Solve $2x + 3 = 11$ for $x$. Let's think step by step and output the final "
+                                    "answer within \\boxed{}.")
+    assert math500[1]["gold"] == "4" and "boxed" in math500[1]["completions"][0]["extracted"]
+
+
+def test_sampling_averages_over_samples(gsm8k_dir, one_thread):
+    model, spec = load_model(str(gsm8k_dir))
+    tokenizer = Tokenizer.load(spec)
+    gen = ev.Generation(max_gen_toks=16, samples=3, temperature=1.0, seed=1)
+    run = lambda: ev.evaluate(model, tokenizer, "gsm8k", data_dir=str(DATA), limit=2, progress=False, gen=gen)
+    first, again = run(), run()
+    for item in first["items"]:
+        texts = [c["text"] for c in item["completions"]]
+        assert len(texts) == 3 and len(set(texts)) > 1  # sampled, not greedy
+        for metric, score in item["scores"].items():
+            assert score == sum(c["scores"][metric] for c in item["completions"]) / 3
+    assert first["items"] == again["items"]  # the seed fixes the samples
