@@ -350,6 +350,8 @@ def render_examples(task_name, docs):
 
 def read_split(task, split, data_dir):
     """(rows, items) of one split, from DIR/<task>/<split>.jsonl or from the HF hub."""
+    if split is None:
+        raise EvalError(f"{task.name} has only its {task.eval_split} split")
     if data_dir:
         path = os.path.join(data_dir, task.name, f"{split}.jsonl")
         if not os.path.isfile(path):
