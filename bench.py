@@ -348,21 +348,26 @@ def harness_tasks(splits_by_task, shots, max_gen_toks=None):
 # most (the demo model's 32000 x 256 head flatters any saving on the head)
 SMOLLM2_135M = dict(dim=576, n_layers=30, head_dim=64, hidden_dim=1536, n_heads=9, n_kv_heads=3, vocab_size=49152,
                     rope_theta=100000.0, sliding_window=None, max_seq_len=2048, tie_embeddings=True)
-# (shape, model args, question counts: zero-shot tasks, per MMLU subject, gsm8k; gsm8k's generation
-# limit, rounds): the real shape is ~15x the demo's work per token, so it gets fewer questions
-EVAL_SHAPES = [("demo", model_args("demo"), (48, 12, 16), 64, 3),
-               ("smollm2-135m shape", model_args("moxin-7b", **SMOLLM2_135M), (24, 6, 16), 32, 2)]
+@dataclasses.dataclass
+class EvalShape:
+    name: str
+    args: object
+    sizes: tuple  # questions: per zero-shot task, per MMLU subject, of gsm8k
+    max_gen_toks: int  # gsm8k's generation limit
+    rounds: int
+
+
+# the real shape costs ~15x the demo's work per token, so it gets fewer questions
+EVAL_SHAPES = [EvalShape("demo", model_args("demo"), (48, 12, 16), 64, 3),
+               EvalShape("smollm2-135m shape", model_args("moxin-7b", **SMOLLM2_135M), (24, 6, 16), 32, 2)]
 EVAL_RUNS = [("piqa", 0), ("hellaswag", 0), ("winogrande", 0), ("mmlu", 5), ("gsm8k", 5)]
 
 
 def bench_eval(device, sync):
-    rows = []
-    for shape, args, sizes, max_gen_toks, rounds in EVAL_SHAPES:
-        rows += bench_eval_shape(device, sync, shape, args, synthetic_tasks(*sizes), max_gen_toks, rounds)
-    return rows
+    return [r for shape in EVAL_SHAPES for r in bench_eval_shape(device, sync, shape)]
 
 
-def bench_eval_shape(device, sync, shape, args, all_splits, max_gen_toks, rounds, batch_size=16):
+def bench_eval_shape(device, sync, shape, batch_size=16):
     """eval.py vs the harness's HFLM on one model shape (random weights, float32 on every device:
     identical answers are part of the claim, and bf16 kernels differ), each task timed in rounds."""
     from lm_eval.models.huggingface import HFLM
@@ -370,7 +375,8 @@ def bench_eval_shape(device, sync, shape, args, all_splits, max_gen_toks, rounds
     import eval as ev
     from tokenizer import Tokenizer
 
-    model = build(args, device).eval()
+    model = build(shape.args, device).eval()
+    all_splits = synthetic_tasks(*shape.sizes)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, tmp, dtype=torch.float32)
@@ -384,12 +390,12 @@ def bench_eval_shape(device, sync, shape, args, all_splits, max_gen_toks, rounds
         ours_model, spec = ev.load_model(tmp, device=device)  # what `eval.py --ckpt DIR` does
         tokenizer = Tokenizer.load(spec)
         lm = HFLM(pretrained=tmp, device=str(device), dtype=torch.float32, batch_size=batch_size)
+        gen = ev.Generation(max_gen_toks=shape.max_gen_toks)
         for task, shots in EVAL_RUNS:
-            gen = ev.Generation(max_gen_toks=max_gen_toks)
             ours = lambda: ev.evaluate(ours_model, tokenizer, task, shots, data_dir, batch_size=batch_size,
                                        progress=False, gen=gen)["items"]
-            ref = lambda: harness_samples(lm, harness_tasks({task: all_splits[task]}, shots, max_gen_toks))
-            rows.append(eval_row(task, shots, shape, ours, ref, rounds, sync, max_gen_toks))
+            ref = lambda: harness_samples(lm, harness_tasks({task: all_splits[task]}, shots, shape.max_gen_toks))
+            rows.append(eval_row(task, shots, shape, ours, ref, sync))
     return rows
 
 
@@ -414,21 +420,21 @@ def harness_samples(lm, tasks):
     return out
 
 
-def eval_row(task, shots, shape, ours, ref, rounds, sync, max_gen_toks):
+def eval_row(task, shots, shape, ours, ref, sync):
     from eval import argmax
 
     out = {}
-    times = race({"ours": lambda: out.update(ours=ours()), "ref": lambda: out.update(ref=ref())}, rounds, sync)
+    times = race({"ours": lambda: out.update(ours=ours()), "ref": lambda: out.update(ref=ref())}, shape.rounds, sync)
     n = len(out["ours"])
     if task == "gsm8k":
         same = sum(o["completions"][0]["text"] == text and o["completions"][0]["extracted"] == answers
                    for o, (text, answers) in zip(out["ours"], out["ref"]))
-        what, note = f"{task} {shots}-shot generation, {max_gen_toks} new tokens", f"same text and answers {same}/{n}"
+        what, note = f"{task} {shots}-shot generation, {shape.max_gen_toks} new tokens", f"same text and answers {same}/{n}"
     else:
         same = sum(o["pred"] == argmax(r) for o, r in zip(out["ours"], out["ref"]))
         gap = max(abs(a - b) for o, r in zip(out["ours"], out["ref"]) for a, b in zip(o["lls"], r))
         what, note = f"{task} {shots}-shot", f"same answer {same}/{n}, max |log-lik diff| {gap:.1e}"
-    return row("eval", f"items/s, {what} ({n} questions), {shape}", n / statistics.median(times["ours"]),
+    return row("eval", f"items/s, {what} ({n} questions), {shape.name}", n / statistics.median(times["ours"]),
                n / statistics.median(times["ref"]), speedup(times["ours"], times["ref"]), note=note)
 
 

@@ -32,7 +32,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -603,9 +603,9 @@ def finish(tokenizer, ids, until):
     return text, "eos" if ids and ids[-1] == tokenizer.eos_id else "max_gen_toks"
 
 
-def complete(model, tokenizer, prompts, until, gen, max_new, batch_size, progress):
-    """gen.samples completions of each prompt (token ids) -> per prompt [(text, stopped_by)].
-    A row stops at EOS or as soon as its text holds a stop string."""
+def complete(model, tokenizer, prompts, until, gen, batch_size, progress):
+    """gen.samples completions of each prompt (token ids) -> per prompt [(text, stopped_by)],
+    at most gen.max_gen_toks tokens each. A row stops at EOS or as soon as its text holds a stop string."""
     stop = (lambda ids: any(s in tokenizer.decode(ids) for s in until)) if until else None
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(gen.seed)
     # longest first, so a batch holds prompts of similar lengths; a prompt's samples side by
@@ -614,7 +614,7 @@ def complete(model, tokenizer, prompts, until, gen, max_new, batch_size, progres
     out = [[] for _ in prompts]
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        new = generate(model, [prompts[i] for i in batch], max_new, temperature=gen.temperature, top_p=gen.top_p,
+        new = generate(model, [prompts[i] for i in batch], gen.max_gen_toks, temperature=gen.temperature, top_p=gen.top_p,
                        eos_id=tokenizer.eos_id, stop=stop, generator=generator)
         for i, ids in zip(batch, new):
             out[i].append(finish(tokenizer, ids, until))
@@ -634,13 +634,13 @@ def evaluate_generative(model, tokenizer, task, units, batch_size, gen, progress
     """Per problem its prompt, completions and verdicts, and the task's metrics: each metric is
     the mean over problems of its mean over the problem's samples."""
     max_len = model.args.max_seq_len
-    max_new = generation_limit(task, gen, max_len)
+    gen = replace(gen, max_gen_toks=generation_limit(task, gen, max_len))
     docs = [doc for _, unit_docs in units for doc in unit_docs]
     texts = [fewshot_prefix(task, row, shots) + problem.prompt for row, problem, shots in docs]
-    prompts = [encode_prompt(tokenizer, text, gen.chat, max_len - max_new) for text in texts]
+    prompts = [encode_prompt(tokenizer, text, gen.chat, max_len - gen.max_gen_toks) for text in texts]
     items = []
     for text, (_, problem, _), outs in zip(texts, docs, complete(model, tokenizer, prompts, task.until, gen,
-                                                                   max_new, batch_size, progress)):
+                                                                   batch_size, progress)):
         completions = []
         for out, stopped_by in outs:
             extracted, scores = task.grade(problem, out)
