@@ -487,9 +487,9 @@ def score_unit(model, questions, batch_size, progress):
          every request, inputs[E:], runs as one right-padded batch.
     The cache holds one position for all its rows, so every row of a batch must stop at the
     same E: it is the shortest context's end in the batch, and what a longer context has
-    past E is recomputed in each of its request rows. Questions are sorted by context length,
-    so a batch's contexts are close in length and that recomputation is small. Padding is
-    only ever on the right, where causal attention keeps it from every real token.
+    past E is recomputed in each of its request rows. Questions are sorted by their longest
+    request, so a batch's rows are close in length and little is padded or recomputed.
+    Padding is only ever on the right, where causal attention keeps it from every real token.
     A question whose requests all end with its context (MMLU: the answer is one letter,
     predicted from the context's last position) needs no cache past it, so such questions
     batch with their contexts right-padded instead. Logits (a dim x vocab matmul per token)
@@ -507,19 +507,22 @@ def score_unit(model, questions, batch_size, progress):
     no_tail = [all(len(inputs) <= end for inputs, _ in q) for q, end in zip(questions, ends)]
     # cache rows a question needs when it fans out at E: one per request that goes past E
     rows = lambda i, E: max(1, sum(len(inputs) > E for inputs, _ in questions[i]))
-    # longest first, like the harness; then by the longest request, so a batch's tails pad little
-    order = sorted(range(len(questions)), key=lambda i: (ends[i], max(len(r[0]) for r in questions[i])), reverse=True)
+    # where a batch fans out: its shortest context's end, or, with no tails, its longest (right-padded)
+    fan_out = lambda batch: (max if no_tail[batch[0]] else min)(ends[i] for i in batch)
+    # longest request first, as the harness sorts: a batch's rows are then close in length and
+    # pad little (sorted by context instead, PIQA's answers of a few words or a paragraph would pad)
+    order = sorted(range(len(questions)), key=lambda i: (max(len(r[0]) for r in questions[i]), ends[i]), reverse=True)
     scores = [None] * len(questions)
     while order:
         # the next questions of the same kind (tails or none) whose rows fit in batch_size;
-        # the first question always fits. Sorted, so the last one added has the shortest context.
+        # the first question always fits
         batch = [order.pop(0)]
         while order and no_tail[order[0]] == no_tail[batch[0]]:
-            end = ends[batch[0]] if no_tail[batch[0]] else ends[order[0]]
+            end = fan_out(batch + order[:1])
             if sum(rows(i, end) for i in batch + order[:1]) > batch_size:
                 break
             batch.append(order.pop(0))
-        end = ends[batch[0]] if no_tail[batch[0]] else ends[batch[-1]]
+        end = fan_out(batch)
         for i, lls in zip(batch, score_batch(model, base, shared, end, [questions[i] for i in batch])):
             scores[i] = lls
         progress.update(len(batch))
