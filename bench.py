@@ -358,8 +358,8 @@ class EvalShape:
 
 
 # the real shape costs ~15x the demo's work per token, so it gets fewer questions
-EVAL_SHAPES = [EvalShape("demo", model_args("demo"), (48, 12, 16), 64, 3),
-               EvalShape("smollm2-135m shape", model_args("moxin-7b", **SMOLLM2_135M), (24, 6, 16), 32, 2)]
+EVAL_SHAPES = [EvalShape("demo", model_args("demo"), (32, 8, 8), 64, 3),
+               EvalShape("smollm2-135m shape", model_args("moxin-7b", **SMOLLM2_135M), (16, 4, 8), 32, 3)]
 EVAL_RUNS = [("piqa", 0), ("hellaswag", 0), ("winogrande", 0), ("mmlu", 5), ("gsm8k", 5)]
 
 
