@@ -281,7 +281,7 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def _generate_one(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
+def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
     """
     Yield new token ids one at a time. The prompt is prefilled through the rolling
     cache (in chunks of at most W tokens), then each step feeds one token.
@@ -304,20 +304,6 @@ def _generate_one(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p
         if token.item() == eos_id:
             return
         idx = token[:, None]
-
-
-def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, stop=None,
-             generator=None):
-    """SHIM until the batched generation lands: one prompt at a time -> the new ids of each."""
-    outs = []
-    for prompt in prompts:
-        new = []
-        for token in _generate_one(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator):
-            new.append(token)
-            if stop is not None and stop(new):
-                break
-        outs.append(new)
-    return outs
 
 
 def _column_major_head(model):
