@@ -13,8 +13,9 @@ Speed and memory of this codebase next to the tools people would otherwise pick,
              in one batch (HF: left-padded) on SmolLM2-135M's shape
     kvcache  bytes of the rolling-buffer cache vs a full cache: moxin-7b at 32k tokens (computed
              from the cache's own shapes on the meta device) and a small model (allocated and run)
-    eval     items/s of eval.py vs lm-evaluation-harness (HFLM) on the same model and questions,
-             zero-shot and MMLU 5-shot, checking that every answer is the same
+    eval     items/s of eval.py vs lm-evaluation-harness (HFLM, batch 16) on the same model and
+             questions: PIQA, HellaSwag, Winogrande 0-shot, MMLU 5-shot and GSM8K 5-shot generation,
+             on the demo shape and on SmolLM2-135M's, checking that every answer is the same
     data     tokenizer tokens/s; MinHash dedup documents/s of data.py vs datasketch
 
 A shared machine speeds up and slows down while this runs, so each comparison times ours and
@@ -299,12 +300,13 @@ def doc_sentences():
     return sorted({s for s in pieces if 40 <= len(s) <= 200 and "\n" not in s})
 
 
-def synthetic_tasks(n_zero_shot, n_per_subject, seed=0):
-    """{task: {split: rows}} in the HF schemas of hellaswag, winogrande and mmlu, made of doc sentences:
-    the questions need not make sense for a random-weight model to be timed on them."""
+def synthetic_tasks(n_zero_shot, n_per_subject, n_gsm8k, seed=0):
+    """{task: {split: rows}} in the HF schemas of piqa, hellaswag, winogrande, mmlu and gsm8k, made of
+    doc sentences: the questions need not make sense for a random-weight model to be timed on them."""
     rng = random.Random(seed)
     sentences = doc_sentences()
     say = lambda lo=4, hi=30: " ".join(rng.choice(sentences).split()[:rng.randint(lo, hi)])
+    piqa = lambda n: [dict(goal=say(3, 20), sol1=say(5, 30), sol2=say(5, 30), label=rng.randrange(2)) for _ in range(n)]
     hellaswag = lambda n: [dict(activity_label=say(1, 3), ctx_a=say(), ctx_b=say(2, 5).lower(),
                                 endings=[say(5, 20) for _ in range(4)], label=str(rng.randrange(4))) for _ in range(n)]
     mmlu = lambda n, subject: [dict(question=say(20, 60) + " " + say(), subject=subject,
@@ -312,10 +314,15 @@ def synthetic_tasks(n_zero_shot, n_per_subject, seed=0):
     # a blank somewhere in the sentence: the two choices differ from there on
     winogrande = lambda n: [dict(sentence=say(3, 20) + " _ " + say(3, 15), option1=say(1, 3), option2=say(1, 3),
                                  answer=str(rng.randint(1, 2))) for _ in range(n)]
-    return {"hellaswag": {"validation": hellaswag(n_zero_shot), "train": hellaswag(4)},
+    # a worked solution of GSM8K's length (~100 words), ending as GSM8K's do
+    gsm8k = lambda n: [dict(question=say(20, 50) + "?", answer=f"{say(40, 60)}\n{say(40, 60)}\n#### {rng.randrange(1000)}")
+                       for _ in range(n)]
+    return {"piqa": {"validation": piqa(n_zero_shot), "train": piqa(4)},
+            "hellaswag": {"validation": hellaswag(n_zero_shot), "train": hellaswag(4)},
             "winogrande": {"validation": winogrande(n_zero_shot), "train": winogrande(4)},
             "mmlu": {"test": [r for s in MMLU_BENCH_SUBJECTS for r in mmlu(n_per_subject, s)],
-                     "dev": [r for s in MMLU_BENCH_SUBJECTS for r in mmlu(5, s)]}}
+                     "dev": [r for s in MMLU_BENCH_SUBJECTS for r in mmlu(5, s)]},
+            "gsm8k": {"test": gsm8k(n_gsm8k), "train": gsm8k(8)}}
 
 
 def hf_tokenizer(out_dir):
@@ -334,8 +341,9 @@ def hf_tokenizer(out_dir):
     return tokenizer
 
 
-def harness_tasks(splits_by_task, shots):
-    """lm-evaluation-harness's own task configs (YAML), documents served from our rows."""
+def harness_tasks(splits_by_task, shots, max_gen_toks=None):
+    """lm-evaluation-harness's own task configs (YAML), documents served from our rows; a generative
+    task's max_gen_toks set in its generation_kwargs, where the harness reads it."""
     import datasets
     import lm_eval
     from lm_eval.api.task import ConfigurableTask
@@ -351,28 +359,51 @@ def harness_tasks(splits_by_task, shots):
         for yaml, rows in per_unit.items():
             tables = datasets.DatasetDict({name: datasets.Dataset.from_list(r) for name, r in rows.items()})
             config = load_yaml(os.path.join(yaml_dir, yaml), resolve_func=True)
+            if "generation_kwargs" in config and max_gen_toks:
+                config["generation_kwargs"] = {**config["generation_kwargs"], "max_gen_toks": max_gen_toks}
             tasks.append(ConfigurableTask(config={**config, "custom_dataset": lambda tables=tables, **_: tables,
                                                   "num_fewshot": shots}))
     return tasks
 
 
+# SmolLM2-135M's shape: a real small model, where the 30 layers and not the output head cost
+# most (the demo model's 32000 x 256 head flatters any saving on the head)
+SMOLLM2_135M = dict(dim=576, n_layers=30, head_dim=64, hidden_dim=1536, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                    rope_theta=100000.0, sliding_window=None, max_seq_len=2048, tie_embeddings=True)
+@dataclasses.dataclass
+class EvalShape:
+    name: str
+    args: object
+    sizes: tuple  # questions: per zero-shot task, per MMLU subject, of gsm8k
+    max_gen_toks: int  # gsm8k's generation limit
+    rounds: int
+
+
+# the real shape costs ~15x the demo's work per token, so it gets fewer questions
+EVAL_SHAPES = [EvalShape("demo", model_args("demo"), (32, 8, 8), 64, 3),
+               EvalShape("smollm2-135m shape", model_args("moxin-7b", **SMOLLM2_135M), (16, 4, 8), 32, 3)]
+EVAL_RUNS = [("piqa", 0), ("hellaswag", 0), ("winogrande", 0), ("mmlu", 5), ("gsm8k", 5)]
+
+
 def bench_eval(device, sync):
-    from lm_eval import evaluator
+    return [r for shape in EVAL_SHAPES for r in bench_eval_shape(device, sync, shape)]
+
+
+def bench_eval_shape(device, sync, shape, batch_size=16):
+    """eval.py vs the harness's HFLM on one model shape (random weights, float32 on every device:
+    identical answers are part of the claim, and bf16 kernels differ), each task timed in rounds."""
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     import eval as ev
     from tokenizer import Tokenizer
 
-    # float32 on every device: identical scores are part of the claim, and bf16 kernels differ
-    model = build(model_args("demo"), device).eval()  # max_seq_len 1024 holds a 5-shot MMLU prompt
-    batch_size, rounds = 16, 3
+    model = build(shape.args, device).eval()
+    all_splits = synthetic_tasks(*shape.sizes)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, tmp, dtype=torch.float32)
         hf_tokenizer(tmp)
         data_dir = os.path.join(tmp, "tasks")
-        all_splits = synthetic_tasks(n_zero_shot=48, n_per_subject=12)
         for task, splits in all_splits.items():
             os.makedirs(os.path.join(data_dir, task))
             for split, split_rows in splits.items():
@@ -381,30 +412,52 @@ def bench_eval(device, sync):
         ours_model, spec = ev.load_model(tmp, device=device)  # what `eval.py --ckpt DIR` does
         tokenizer = Tokenizer.load(spec)
         lm = HFLM(pretrained=tmp, device=str(device), dtype=torch.float32, batch_size=batch_size)
-        for task, shots in (("hellaswag", 0), ("winogrande", 0), ("mmlu", 5)):
-            tasks = harness_tasks({task: all_splits[task]}, shots)
-            out = {}
-
-            def ours():
-                out["ours"] = ev.evaluate(ours_model, tokenizer, task, shots, data_dir, batch_size=batch_size,
-                                          progress=False)["items"]
-
-            def ref():
-                with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
-                    result = evaluator.simple_evaluate(model=lm, tasks=tasks, log_samples=True, verbosity="ERROR",
-                                                       task_manager=TaskManager(include_defaults=False))
-                # per question its choices' log-likelihoods, in the order eval.py returns them
-                out["ref"] = [[r[0] for r in s["filtered_resps"]] for t in tasks
-                              for s in sorted(result["samples"][t.config.task], key=lambda s: s["doc_id"])]
-
-            times = race({"ours": ours, "ref": ref}, rounds, sync)
-            n = len(out["ours"])
-            same = sum(o["pred"] == ev.argmax(r) for o, r in zip(out["ours"], out["ref"]))
-            gap = max(abs(a - b) for o, r in zip(out["ours"], out["ref"]) for a, b in zip(o["lls"], r))
-            rows.append(row("eval", f"items/s, {task} {shots}-shot ({n} questions)", n / statistics.median(times["ours"]),
-                            n / statistics.median(times["ref"]), speedup(times["ours"], times["ref"]),
-                            note=f"same answer {same}/{n}, max |log-lik diff| {gap:.1e}"))
+        gen = ev.Generation(max_gen_toks=shape.max_gen_toks)
+        for task, shots in EVAL_RUNS:
+            ours = lambda: ev.evaluate(ours_model, tokenizer, task, shots, data_dir, batch_size=batch_size,
+                                       progress=False, gen=gen)["items"]
+            ref = lambda: harness_samples(lm, harness_tasks({task: all_splits[task]}, shots, shape.max_gen_toks))
+            rows.append(eval_row(task, shots, shape, ours, ref, sync))
     return rows
+
+
+def harness_samples(lm, tasks):
+    """Per question the harness's log-likelihoods of its choices or, for gsm8k, its generated text
+    and {filter: answer}, in the order eval.py returns its items."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        result = evaluator.simple_evaluate(model=lm, tasks=tasks, log_samples=True, verbosity="ERROR",
+                                           task_manager=TaskManager(include_defaults=False))
+    out = []
+    for t in tasks:
+        by_doc = {}
+        for s in sorted(result["samples"][t.config.task], key=lambda s: s["doc_id"]):
+            if t.config.output_type == "generate_until":  # one sample per filter
+                by_doc.setdefault(s["doc_id"], (s["resps"][0][0], {}))[1][s["filter"]] = s["filtered_resps"][0]
+            else:
+                by_doc[s["doc_id"]] = [r[0] for r in s["filtered_resps"]]
+        out += by_doc.values()
+    return out
+
+
+def eval_row(task, shots, shape, ours, ref, sync):
+    from eval import argmax
+
+    out = {"ours": ours(), "ref": ref()}  # untimed: a first call pays for allocations and kernel setup
+    times = race({"ours": lambda: out.update(ours=ours()), "ref": lambda: out.update(ref=ref())}, shape.rounds, sync)
+    n = len(out["ours"])
+    if task == "gsm8k":
+        same = sum(o["completions"][0]["text"] == text and o["completions"][0]["extracted"] == answers
+                   for o, (text, answers) in zip(out["ours"], out["ref"]))
+        what, note = f"{task} {shots}-shot generation, {shape.max_gen_toks} new tokens", f"same text and answers {same}/{n}"
+    else:
+        same = sum(o["pred"] == argmax(r) for o, r in zip(out["ours"], out["ref"]))
+        gap = max(abs(a - b) for o, r in zip(out["ours"], out["ref"]) for a, b in zip(o["lls"], r))
+        what, note = f"{task} {shots}-shot", f"same answer {same}/{n}, max |log-lik diff| {gap:.1e}"
+    return row("eval", f"items/s, {what} ({n} questions), {shape.name}", n / statistics.median(times["ours"]),
+               n / statistics.median(times["ref"]), speedup(times["ours"], times["ref"]), note=note)
 
 
 # ----------------------------------------------------------------------------- data

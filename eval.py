@@ -1,28 +1,28 @@
 """
-Log-likelihood multiple-choice evaluation: ARC-Easy/Challenge, HellaSwag, PIQA,
-Winogrande and MMLU, zero- and few-shot, defined and scored the way
-lm-evaluation-harness 0.4 does it, so the numbers agree with it item by item.
+Benchmarks defined and scored the way lm-evaluation-harness 0.4 does it, so the numbers
+agree with it item by item:
+
+  log-likelihood multiple choice: ARC-Easy/Challenge, HellaSwag, PIQA, Winogrande, MMLU
+  generation: GSM8K (the harness's gsm8k task) and MATH-500 (DeepScaleR's prompt, a
+  \\boxed{} answer graded by math_equal, the same function grpo.py rewards with)
 
     python eval.py --ckpt out/final.pt --suite moxin_zeroshot
     python eval.py --ckpt path/to/hf_model --tasks mmlu --num_fewshot 5 --out mmlu.json
+    python eval.py --ckpt path/to/hf_model --tasks gsm8k --out gsm8k.json --log_samples
+    python eval.py --ckpt path/to/reasoning_model --tasks math500 --chat --samples 16 --temperature 0.6
 
 Data comes from the Hugging Face hub (the harness's dataset paths and splits), or
 from --data_dir DIR with DIR/<task>/<split>.jsonl in the dataset's own schema.
 
-A question becomes one (context, continuation) pair per choice. The model's
-log-likelihood of each continuation given its context picks the answer: acc takes
-the largest, acc_norm divides each by the choice's length in characters first, so
-long answers are not penalised for being long.
+Multiple choice: a question becomes one (context, continuation) pair per choice. The
+model's log-likelihood of each continuation given its context picks the answer: acc
+takes the largest, acc_norm divides each by the choice's length in characters first, so
+long answers are not penalised for being long. score_reference computes it plainly;
+score_unit, which eval uses, shares the work through the KV cache (see its docstring).
 
-The harness runs every pair as its own sequence. Here the work is shared through
-the KV cache, and every scored token still reads exactly the tokens the harness
-feeds it, at the same positions:
-  - the prefix common to all questions of a task (MMLU: a subject's header and its
-    five dev-set shots) is computed once;
-  - a question's context is computed once, then the cache fans out to its choices,
-    whose continuations run as one right-padded batch;
-  - questions whose contexts have the same length run as one batch;
-  - logits (a dim x vocab matmul per token) only where a continuation token is scored.
+Generation: the prompt is encoded as the harness's HF backend encodes it, the model
+writes until EOS, a stop string or the generation limit, and the text is cut before the
+first stop string; each task's grader turns the text into an answer and a verdict.
 """
 import argparse
 import json
@@ -32,14 +32,15 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import KVCache
-from tokenizer import Tokenizer
+from model import KVCache, generate
+from tokenizer import Tokenizer, encode_chat
 from weights import load_model
 
 
@@ -106,6 +107,155 @@ def mmlu_header(doc):
     return f"The following are multiple choice questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
 
 
+# generative tasks
+
+@dataclass
+class Problem:
+    """A question answered by generation."""
+    prompt: str
+    target: str  # what a few-shot example shows after its prompt (gsm8k: the worked solution)
+    answer: str  # what the grader compares the model's answer with
+
+    def solved(self):
+        """The problem with its solution, as a few-shot example (and capability training text) shows it."""
+        return self.prompt + " " + self.target
+
+
+def render_gsm8k(doc):
+    # the reference is the whole worked solution: exact_match ignores everything up to its "#### "
+    return Problem(f"Question: {doc['question']}\nAnswer:", doc["answer"], doc["answer"])
+
+
+# DeepScaleR's instruction, appended to every problem after a space
+# (rllm-org/rllm, scripts/data/deepscaler_dataset.py)
+MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def render_math500(doc):
+    return Problem(f"{doc['problem']} {MATH_INSTRUCTION}", doc["answer"], doc["answer"])
+
+
+# ----------------------------------------------------------------------------- graders
+# grade(problem, text) -> ({filter: extracted answer}, {metric: score})
+
+# The gsm8k YAML's two filter pipelines: a regex, which of its matches, then take_first.
+# A match with several groups gives its first non-empty one; no match gives "[invalid]".
+GSM8K_FILTERS = {
+    "strict-match": (re.compile(r"#### (\-?[0-9\.\,]+)"), 0),
+    "flexible-extract": (re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)"), -1),
+}
+# exact_match's regexes_to_ignore, removed from both sides in this order, then ignore_case
+GSM8K_IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]
+
+
+def regex_filter(text, regex, which, fallback="[invalid]"):
+    matches = regex.findall(text)
+    if not matches:
+        return fallback
+    match = matches[which]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), fallback)
+    return match.strip()
+
+
+def gsm8k_exact_match(prediction, reference):
+    for pattern in GSM8K_IGNORE:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    return prediction.lower() == reference.lower()
+
+
+def grade_gsm8k(problem, text):
+    extracted = {name: regex_filter(text, regex, which) for name, (regex, which) in GSM8K_FILTERS.items()}
+    scores = {f"exact_match,{name}": float(gsm8k_exact_match(answer, problem.answer))
+              for name, answer in extracted.items()}
+    return extracted, scores
+
+
+def extract_boxed(text):
+    r"""The content of the last \boxed{...} (or \fbox{...}) in text, braces matched, or None.
+    MATH's solutions also write a one-token answer as "\boxed 5"."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    if text.startswith(" ", i):
+        m = re.match(r" +([^\s$]+)", text[i:])
+        return m.group(1) if m else None
+    if not text.startswith("{", i):
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)  # \{ and \} come in pairs too
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # never closed: the output was cut off
+
+
+def normalize_answer(s):
+    r"""An answer in a canonical string form. The steps of the MATH dataset's own
+    normalisation (Hendrycks et al. 2021, is_equiv), plus units after a number, \text{}
+    wrappers, thousands separators and a trailing ".0", so that the ways of writing one
+    answer that a grader should accept compare equal:
+      \dfrac, \tfrac -> \frac; \frac12 -> \frac{1}{2}; 3/4 -> \frac{3}{4}; \sqrt3 -> \sqrt{3}
+      \left( -> (; no spaces, $, \%, degrees, \! \, \; spacing or line breaks
+      "x = 5" -> 5 (a name of at most two characters before one "=")
+      "5\text{ cm}" -> 5; \text{Evelyn} -> Evelyn; 1,000 -> 1000; 5.0 -> 5; .5 -> 0.5"""
+    s = s.strip().replace("\n", "")
+    for spacing in ("\\!", "\\,", "\\;", "\\:"):
+        s = s.replace(spacing, "")
+    s = s.replace("\\\\", "\\").replace("tfrac", "frac").replace("dfrac", "frac")
+    s = s.replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("°", "")
+    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    # units: what follows "\text{ " (MATH's rule), or a \text{word} right after a number
+    s = re.split(r"\\(?:text|mbox)\{ ", s)[0]
+    s = re.sub(r"^(-?[\d.,]+)\s*\\(?:text|mbox)\{[a-zA-Z ]+\}$", r"\1", s)
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if s.startswith("."):
+        s = "0" + s
+    name, equals, value = s.partition("=")
+    if equals and len(name.strip()) <= 2 and "=" not in value:
+        s = value
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
+    brace = lambda arg: arg if arg.startswith("{") else "{" + arg + "}"
+    s = re.sub(r"\\frac(\{[^{}]*\}|\w)(\{[^{}]*\}|\w)", lambda m: "\\frac" + brace(m[1]) + brace(m[2]), s)
+    s = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", s)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    return re.sub(r"^(-?\d+)\.0+$", r"\1", s)
+
+
+def as_rational(s):
+    """A normalised answer's exact value if it is a plain number: an integer, a decimal or \\frac{a}{b}."""
+    if re.fullmatch(r"-?\d+(\.\d+)?", s):
+        return Fraction(s)
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    if m and int(m[3]):
+        return (-1 if m[1] else 1) * Fraction(int(m[2]), int(m[3]))
+    return None
+
+
+def math_equal(pred, gold):
+    """Whether a predicted answer (None: there was none) equals the gold one: the same string
+    after normalize_answer, or the same number (0.5 and \\frac{1}{2}, exactly)."""
+    if pred is None:
+        return False
+    pred, gold = normalize_answer(pred), normalize_answer(gold)
+    return pred == gold or as_rational(pred) is not None and as_rational(pred) == as_rational(gold)
+
+
+def math_reward(completion_text, answer):
+    """1.0 if the completion's last \\boxed{} answer equals `answer`, else 0.0: MATH-500's
+    verdict, and grpo.py's reward, so the RL stage and its benchmark cannot disagree."""
+    return float(math_equal(extract_boxed(completion_text), answer))
+
+
+def grade_math(problem, text):
+    boxed = extract_boxed(text)
+    return {"boxed": boxed}, {"pass@1": float(math_equal(boxed, problem.answer))}
+
+
 @dataclass(frozen=True)
 class Task:
     """Where a task's data lives and how a row becomes a prompt, as the harness's YAML says."""
@@ -122,6 +272,12 @@ class Task:
     shots_skip_question: bool
     first_n_shots: bool = False  # MMLU: the dev split's first k, the same for every question
     header: object = lambda doc: ""
+    num_fewshot: int = 0  # shots when --num_fewshot is not given, as in the harness's YAML
+    # generative tasks: stop strings, the generation limit when --max_gen_toks is not given
+    # (the harness's max_gen_toks default for gsm8k), and the grader
+    until: tuple = ()
+    max_gen_toks: int = 0
+    grade: object = None
 
 
 ARC_FIELDS = ("question", "choices", "answerKey")
@@ -135,6 +291,11 @@ TASKS = {t.name: t for t in [
          ("sentence", "option1", "option2", "answer"), render_winogrande, False, True),
     Task("mmlu", "cais/mmlu", None, "test", "dev", ("question", "subject", "choices", "answer"), render_mmlu,
          False, False, first_n_shots=True, header=mmlu_header),
+    Task("gsm8k", "openai/gsm8k", "main", "test", "train", ("question", "answer"), render_gsm8k, False, False,
+         num_fewshot=5, until=("Question:", "</s>", "<|im_end|>"), max_gen_toks=256, grade=grade_gsm8k),
+    # zero-shot, no few-shot split; DeepScaleR's own evaluation lets a reasoning model write 32k tokens
+    Task("math500", "HuggingFaceH4/MATH-500", None, "test", None, ("problem", "answer"), render_math500, False,
+         False, max_gen_toks=4096, grade=grade_math),
 ]}
 # the 57 MMLU subjects: one dataset config (and one harness task) each
 MMLU_SUBJECTS = """abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology
@@ -189,6 +350,8 @@ def render_examples(task_name, docs):
 
 def read_split(task, split, data_dir):
     """(rows, items) of one split, from DIR/<task>/<split>.jsonl or from the HF hub."""
+    if split is None:
+        raise EvalError(f"{task.name} has only its {task.eval_split} split")
     if data_dir:
         path = os.path.join(data_dir, task.name, f"{split}.jsonl")
         if not os.path.isfile(path):
@@ -258,9 +421,13 @@ def load_units(task, k, data_dir, limit):
     return units
 
 
+def fewshot_prefix(task, row, shots):
+    # the header, then each shot solved and closed by the few-shot delimiter "\n\n"
+    return task.header(row) + "".join(shot.solved() + "\n\n" for _, shot in shots)
+
+
 def prompt_pairs(task, row, item, shots):
-    # header, then each shot solved and closed by the few-shot delimiter "\n\n", then the question
-    prefix = task.header(row) + "".join(shot.solved() + "\n\n" for _, shot in shots)
+    prefix = fewshot_prefix(task, row, shots)
     return [(prefix + context, continuation) for context, continuation in item.pairs]
 
 
@@ -281,6 +448,23 @@ def encode_pair(tokenizer, context, continuation, max_len):
 
 
 # ----------------------------------------------------------------------------- scoring
+#
+# A request is (inputs, targets): the targets' log-likelihood is read at the last
+# len(targets) input positions. The reference scorer below does exactly that, one forward
+# pass per request. score_unit gets the same numbers with far less work; it is tested
+# against the reference.
+
+@torch.no_grad()
+def score_reference(model, requests):
+    """Log-likelihood of each request's targets, one plain forward pass over its own inputs."""
+    device = model.tok_embeddings.weight.device
+    lls = []
+    for inputs, targets in requests:
+        logits, _ = model(torch.tensor([inputs], device=device))
+        logprobs = F.log_softmax(logits[0, -len(targets):], dim=-1)
+        lls.append(logprobs.gather(1, torch.tensor(targets, device=device)[:, None]).sum().item())
+    return lls
+
 
 def common_prefix_len(seqs):
     # os.path.commonprefix works on any sequences, comparing whole lists at C speed
@@ -289,11 +473,27 @@ def common_prefix_len(seqs):
 
 @torch.no_grad()
 def score_unit(model, questions, batch_size, progress):
-    """Log-likelihood of every request. questions: per question a list of (inputs, targets).
+    """Log-likelihood of every request, as score_reference gives it; questions: per question
+    a list of requests (inputs, targets).
 
-    Three levels of sharing: the `shared` tokens that begin every request of the unit
-    are prefilled once; a question's requests agree up to `end` (its context), computed
-    once per question; the rest of each request is a row of a right-padded batch."""
+    The work is shared at three levels, and every scored position still reads exactly the
+    tokens, at the same positions, that its own forward pass would:
+      1. the `shared` tokens that begin every request of the unit (MMLU: a subject's header
+         and shots) are prefilled once into a one-row cache;
+      2. the requests of a question agree up to its context's end; a batch of questions runs
+         their contexts as one forward pass from that cache, a row each, up to a common
+         fan-out point E;
+      3. each context row is then copied once per request (KVCache.select) and the rest of
+         every request, inputs[E:], runs as one right-padded batch.
+    The cache holds one position for all its rows, so every row of a batch must stop at the
+    same E: it is the shortest context's end in the batch, and what a longer context has
+    past E is recomputed in each of its request rows. Questions are sorted by their longest
+    request, so a batch's rows are close in length and little is padded or recomputed.
+    Padding is only ever on the right, where causal attention keeps it from every real token.
+    A question whose requests all end with its context (MMLU: the answer is one letter,
+    predicted from the context's last position) needs no cache past it, so such questions
+    batch with their contexts right-padded instead. Logits (a dim x vocab matmul per token)
+    are computed only at the scored positions."""
     weight = model.tok_embeddings.weight
     requests = [r for q in questions for r in q]
     # stop before the first scored position: the shared tokens' hidden states are never read
@@ -304,23 +504,26 @@ def score_unit(model, questions, batch_size, progress):
         model.hidden(torch.tensor([requests[0][0][:shared]], device=weight.device), base)
 
     ends = [common_prefix_len([inputs for inputs, _ in q]) for q in questions]
-    # cache rows a question needs: one for its context, then one per request that goes past it
-    rows = [max(1, sum(len(inputs) > end for inputs, _ in q)) for q, end in zip(questions, ends)]
-    # longest first, like the harness; then by the longest request, so a batch's tails pad little
-    order = sorted(range(len(questions)), key=lambda i: (ends[i], max(len(r[0]) for r in questions[i])), reverse=True)
-    scores = [None] * len(questions)
-    # a question whose requests all end with its context (MMLU: one-letter answers) needs no
-    # cache past it, so it may join a batch of longer contexts, right-padded
     no_tail = [all(len(inputs) <= end for inputs, _ in q) for q, end in zip(questions, ends)]
+    # cache rows a question needs when it fans out at E: one per request that goes past E
+    rows = lambda i, E: max(1, sum(len(inputs) > E for inputs, _ in questions[i]))
+    # where a batch fans out: its shortest context's end, or, with no tails, its longest (right-padded)
+    fan_out = lambda batch: (max if no_tail[batch[0]] else min)(ends[i] for i in batch)
+    # longest request first, as the harness sorts: a batch's rows are then close in length and
+    # pad little (sorted by context instead, PIQA's answers of a few words or a paragraph would pad)
+    order = sorted(range(len(questions)), key=lambda i: (max(len(r[0]) for r in questions[i]), ends[i]), reverse=True)
+    scores = [None] * len(questions)
     while order:
-        # questions whose contexts end at the same position, so all cache rows sit at one
-        # position, or that need no cache past their context; at most batch_size rows (the
-        # first question always fits)
+        # the next questions of the same kind (tails or none) whose rows fit in batch_size;
+        # the first question always fits
         batch = [order.pop(0)]
-        while order and (ends[order[0]] == ends[batch[0]] or no_tail[order[0]] and no_tail[batch[0]]) \
-                and sum(rows[i] for i in batch + order[:1]) <= batch_size:
+        while order and no_tail[order[0]] == no_tail[batch[0]]:
+            end = fan_out(batch + order[:1])
+            if sum(rows(i, end) for i in batch + order[:1]) > batch_size:
+                break
             batch.append(order.pop(0))
-        for i, lls in zip(batch, score_batch(model, base, shared, ends[batch[0]], [questions[i] for i in batch])):
+        end = fan_out(batch)
+        for i, lls in zip(batch, score_batch(model, base, shared, end, [questions[i] for i in batch])):
             scores[i] = lls
         progress.update(len(batch))
     return scores
@@ -365,6 +568,96 @@ def score_batch(model, base, shared, end, questions):
     return [[next(lls) for _ in q] for q in questions]
 
 
+# ----------------------------------------------------------------------------- generation
+
+@dataclass(frozen=True)
+class Generation:
+    """How a generative task is answered: greedy pass@1 by default; samples=N with a
+    temperature scores the mean over N completions of each problem (how DeepScaleR reports)."""
+    max_gen_toks: int | None = None  # None: the task's own
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = False  # the prompt as the user's turn of the chat template (the harness's --apply_chat_template)
+
+
+def encode_prompt(tokenizer, text, chat, max_prompt):
+    """Prompt ids as the harness's HF backend builds them: the tokenizer's default special
+    tokens (BOS), cut from the left to leave room for the generation. With chat, the text is
+    the user's message and the ids end by opening the assistant's turn."""
+    if chat:
+        ids, _ = encode_chat(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(text, add_special_tokens=True)
+    return ids[-max_prompt:]
+
+
+def finish(tokenizer, ids, until):
+    """(text, stopped_by) of a completion: the text cut as the harness cuts it, at the first
+    occurrence of each stop string in turn; stopped_by names the stop string that ended it,
+    or "eos", or "max_gen_toks"."""
+    text = tokenizer.decode(ids)
+    hits = sorted((text.index(s), s) for s in until if s in text)
+    for s in until:
+        text = text.split(s)[0]
+    if hits:
+        return text, hits[0][1]
+    return text, "eos" if ids and ids[-1] == tokenizer.eos_id else "max_gen_toks"
+
+
+def complete(model, tokenizer, prompts, until, gen, batch_size, progress):
+    """gen.samples completions of each prompt (token ids) -> per prompt [(text, stopped_by)],
+    at most gen.max_gen_toks tokens each. A row stops at EOS or as soon as its text holds a stop string."""
+    stop = (lambda ids: any(s in tokenizer.decode(ids) for s in until)) if until else None
+    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(gen.seed)
+    # longest first, so a batch holds prompts of similar lengths; a prompt's samples side by
+    # side, so that generate prefills it once
+    rows = [i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(gen.samples)]
+    out = [[] for _ in prompts]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        new = generate(model, [prompts[i] for i in batch], gen.max_gen_toks, temperature=gen.temperature, top_p=gen.top_p,
+                       eos_id=tokenizer.eos_id, stop=stop, generator=generator)
+        for i, ids in zip(batch, new):
+            out[i].append(finish(tokenizer, ids, until))
+        progress.update(len(batch))
+    return out
+
+
+def generation_limit(task, gen, max_len):
+    max_new = gen.max_gen_toks or task.max_gen_toks
+    if max_new >= max_len:  # the harness's check: the prompt gets max_len - max_new tokens
+        raise EvalError(f"{task.name}: a generation limit of {max_new} tokens leaves no room for a prompt in the "
+                        f"model's context of {max_len} (set --max_gen_toks below it)")
+    return max_new
+
+
+def evaluate_generative(model, tokenizer, task, units, batch_size, gen, progress):
+    """Per problem its prompt, completions and verdicts, and the task's metrics: each metric is
+    the mean over problems of its mean over the problem's samples."""
+    max_len = model.args.max_seq_len
+    gen = replace(gen, max_gen_toks=generation_limit(task, gen, max_len))
+    docs = [doc for _, unit_docs in units for doc in unit_docs]
+    texts = [fewshot_prefix(task, row, shots) + problem.prompt for row, problem, shots in docs]
+    prompts = [encode_prompt(tokenizer, text, gen.chat, max_len - gen.max_gen_toks) for text in texts]
+    items = []
+    for text, (_, problem, _), outs in zip(texts, docs, complete(model, tokenizer, prompts, task.until, gen,
+                                                                   batch_size, progress)):
+        completions = []
+        for out, stopped_by in outs:
+            extracted, scores = task.grade(problem, out)
+            completions.append({"text": out, "stopped_by": stopped_by, "extracted": extracted, "scores": scores})
+        scores = {m: mean([c["scores"][m] for c in completions]) for m in completions[0]["scores"]}
+        items.append({"prompt": text, "gold": problem.answer, "scores": scores, "completions": completions})
+    result = {}
+    for metric in items[0]["scores"]:
+        values = [item["scores"][metric] for item in items]
+        result.update({metric: mean(values), metric + "_stderr": mean_stderr(values)})
+    result["n"] = len(items)
+    return items, result
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def argmax(xs):
@@ -403,92 +696,134 @@ def metrics(task, items):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, tokenizer, task_name, num_fewshot=0, data_dir=None, limit=None, batch_size=16, progress=True):
-    """Score one task. Returns {"metrics": {...}, "items": [per question: unit, gold, lls,
-    pred, pred_norm]} with items in dataset order (MMLU: by subject)."""
+def evaluate(model, tokenizer, task_name, num_fewshot=None, data_dir=None, limit=None, batch_size=16,
+             progress=True, gen=Generation()):
+    """Score one task, with num_fewshot shots (None: the task's own). Returns {"metrics": {...},
+    "items": [...]} with items in dataset order (MMLU: by subject): per question its unit, gold,
+    lls, pred and pred_norm; per generated problem its prompt, gold, scores and completions."""
     task = get_task(task_name)
-    if num_fewshot < 0:
-        raise EvalError(f"--num_fewshot must be >= 0, got {num_fewshot}")
-    units = load_units(task, num_fewshot, data_dir, limit)
-    max_len = model.args.max_seq_len
-    bar = tqdm(total=sum(len(docs) for _, docs in units), desc=f"{task_name} {num_fewshot}-shot",
-               disable=not progress, unit="q")
-    items, unit_metrics = [], {}
+    k = task.num_fewshot if num_fewshot is None else num_fewshot
+    if k < 0:
+        raise EvalError(f"--num_fewshot must be >= 0, got {k}")
+    if k and task.fewshot_split is None:
+        raise EvalError(f"{task.name} is zero-shot: it has no split to draw shots from")
+    if gen.chat and not task.grade:
+        raise EvalError(f"--chat applies to generative tasks, and {task.name} is multiple choice")
+    if task.grade:
+        generation_limit(task, gen, model.args.max_seq_len)
+    units = load_units(task, k, data_dir, limit)
+    n = sum(len(docs) for _, docs in units)
+    bar = tqdm(total=n * (gen.samples if task.grade else 1), desc=f"{task_name} {k}-shot", disable=not progress,
+               unit="completion" if task.grade else "q")
     start = time.time()
+    if task.grade:
+        items, result = evaluate_generative(model, tokenizer, task, units, batch_size, gen, bar)
+    else:
+        items, result = evaluate_choices(model, tokenizer, task, units, batch_size, bar)
+    bar.close()
+    seconds = time.time() - start
+    result.update(num_fewshot=k, seconds=round(seconds, 2), items_per_s=round(n / seconds, 3))
+    return {"metrics": result, "items": items}
+
+
+def evaluate_choices(model, tokenizer, task, units, batch_size, progress):
+    max_len = model.args.max_seq_len
+    items, unit_metrics = [], {}
     for unit, docs in units:
         questions = [[encode_pair(tokenizer, c, cont, max_len) for c, cont in prompt_pairs(task, row, item, shots)]
                      for row, item, shots in docs]
         unit_items = []
-        for (_, item, _), lls in zip(docs, score_unit(model, questions, batch_size, bar)):
+        for (_, item, _), lls in zip(docs, score_unit(model, questions, batch_size, progress)):
             norm = [ll / len(choice) for ll, choice in zip(lls, item.choices)]
             unit_items.append({"unit": unit, "gold": item.gold, "lls": lls,
                                "pred": argmax(lls), "pred_norm": argmax(norm)})
         unit_metrics[unit] = metrics(task, unit_items)
         items += unit_items
-    bar.close()
-    seconds = time.time() - start
     result = metrics(task, items)
     if task.name == "mmlu":  # the micro-average over all questions, and each subject
         result["acc_stderr"] = pooled_stderr([m["acc_stderr"] for m in unit_metrics.values()],
                                              [m["n"] for m in unit_metrics.values()])
         result["subjects"] = unit_metrics
-    result.update(num_fewshot=num_fewshot, seconds=round(seconds, 2), items_per_s=round(len(items) / seconds, 3))
-    return {"metrics": result, "items": items}
+    return items, result
 
 
 def table(results):
     fmt = lambda x: "   n/a" if x is None else f"{x:.4f}"
-    lines = [f"{'task':<15}{'shots':>5}  {'metric':<9}{'value':>7}{'stderr':>9}{'n':>7}{'items/s':>9}"]
+    lines = [f"{'task':<15}{'shots':>5}  {'metric':<29}{'value':>7}{'stderr':>9}{'n':>7}{'items/s':>9}"]
     for name, m in results.items():
-        for metric in ("acc", "acc_norm"):
-            if metric in m:
-                lines.append(f"{name:<15}{m['num_fewshot']:>5}  {metric:<9}{fmt(m[metric]):>7}"
-                             f"{fmt(m[metric + '_stderr']):>9}{m['n']:>7}{m['items_per_s']:>9.2f}")
+        for metric in [key for key in m if key + "_stderr" in m]:
+            lines.append(f"{name:<15}{m['num_fewshot']:>5}  {metric:<29}{fmt(m[metric]):>7}"
+                         f"{fmt(m[metric + '_stderr']):>9}{m['n']:>7}{m['items_per_s']:>9.2f}")
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Log-likelihood multiple-choice evaluation, scored as "
-                                                 "lm-evaluation-harness scores it.")
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Multiple-choice and generative benchmarks, scored as "
+                                                 "lm-evaluation-harness scores them.")
     parser.add_argument("--ckpt", required=True, help="a .pt checkpoint of this project or an HF model directory")
     parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
-    parser.add_argument("--num_fewshot", type=int, default=0, help="shots for every task of --tasks")
+    parser.add_argument("--num_fewshot", type=int, help="shots for every task of --tasks (default: each task's own, "
+                                                        "as the harness: gsm8k 5, the others 0)")
     parser.add_argument("--suite", choices=SUITES, help="Moxin's reported suites, each task with its own shots")
     parser.add_argument("--limit", type=int, help="only the first N questions of each task (MMLU: of each subject)")
     parser.add_argument("--batch_size", type=int, default=16,
                         help="most sequences (KV-cache rows) in one forward pass; memory grows with it")
     parser.add_argument("--data_dir", help="read DIR/<task>/<split>.jsonl (HF schema) instead of the HF hub")
     parser.add_argument("--out", help="write all metrics to this JSON file")
+    parser.add_argument("--log_samples", action="store_true",
+                        help="also write every item to --out: prompt, completions, extracted answers, gold, verdict")
+    parser.add_argument("--chat", action="store_true", help="generative tasks: each prompt as the user's turn of "
+                                                            "the chat template, the assistant's turn opened")
+    parser.add_argument("--max_gen_toks", type=int, help="generation limit (default: gsm8k 256, math500 4096)")
+    parser.add_argument("--samples", type=int, default=1, help="completions per problem; the score is their mean")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="of the sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: float32 on CPU (no fast bf16 there), bfloat16 on CUDA")
-    args = parser.parse_args(argv)
-    try:
-        if bool(args.tasks) == bool(args.suite):
-            raise EvalError("give either --tasks or --suite")
-        if args.suite:
-            runs = SUITES[args.suite]
-        else:
-            runs = [(name, args.num_fewshot) for name in args.tasks.split(",")]
-            for name, _ in runs:
-                get_task(name)
-        if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
-            raise EvalError("--limit and --batch_size must be positive")
+    return parser.parse_args(argv)
 
+
+def check_args(args):
+    """The (task, shots) runs and the generation settings the arguments ask for, or EvalError."""
+    if bool(args.tasks) == bool(args.suite):
+        raise EvalError("give either --tasks or --suite")
+    runs = SUITES[args.suite] if args.suite else [(name, args.num_fewshot) for name in args.tasks.split(",")]
+    for name, _ in runs:
+        get_task(name)
+    if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.samples < 1:
+        raise EvalError("--limit, --batch_size and --samples must be positive")
+    if args.max_gen_toks is not None and args.max_gen_toks < 1:
+        raise EvalError(f"--max_gen_toks must be positive, got {args.max_gen_toks}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise EvalError(f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}")
+    if args.samples > 1 and args.temperature == 0:
+        raise EvalError("--samples > 1 needs --temperature > 0: greedy completions are all the same")
+    if args.log_samples and not args.out:
+        raise EvalError("--log_samples writes into --out: give --out FILE.json")
+    return runs, Generation(args.max_gen_toks, args.samples, args.temperature, args.top_p, args.seed, args.chat)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        runs, gen = check_args(args)
         dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
         model, tokenizer_spec = load_model(args.ckpt, device=args.device, dtype=getattr(torch, dtype))
         tokenizer = Tokenizer.load(tokenizer_spec)
-        results = {}
+        results, samples = {}, {}
         for name, shots in runs:
-            result = evaluate(model, tokenizer, name, shots, args.data_dir, args.limit, args.batch_size)
-            results[name] = result["metrics"]
+            result = evaluate(model, tokenizer, name, shots, args.data_dir, args.limit, args.batch_size, gen=gen)
+            results[name], samples[name] = result["metrics"], result["items"]
     except ValueError as e:  # EvalError, ModelLoadError and the tokenizer's errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"ckpt": args.ckpt, "results": results}, f, indent=2)
+            json.dump({"ckpt": args.ckpt, "results": results, **({"samples": samples} if args.log_samples else {})},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import eval as ev
 from tokenizer import Tokenizer
 from model import Transformer, model_args
-from weights import load_model
+from weights import export_hf, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "fixtures" / "eval"
@@ -169,10 +169,10 @@ def test_render_examples():
         ev.render_examples("piqa", [{"goal": "g", "sol1": "a", "label": 0}])
 
 
-def test_cache_sharing_equals_plain_forward():
-    """Shared prefix, per-question contexts, fanned-out continuations (some sharing their
-    first tokens), batches of equal-length contexts, a window of 8: every log-likelihood
-    equals one plain forward pass over the request's own tokens."""
+def test_fast_scorer_equals_reference():
+    """Shared prefix, contexts of different lengths batched together, fanned-out continuations
+    (some sharing their first tokens), one-token answers that need no cache past the context,
+    a window of 8: every log-likelihood equals score_reference's one forward pass per request."""
     torch.manual_seed(0)
     model = Transformer(model_args("tiny"))
     model.init_weights()
@@ -181,20 +181,17 @@ def test_cache_sharing_equals_plain_forward():
     rand = lambda n: torch.randint(3, 256, (n,), generator=g).tolist()
     prefix = rand(20)
     questions = []
-    for length in (5, 9, 5, 5, 12, 9):
+    for length in (5, 9, 5, 5, 12, 9, 30):
         context, common = prefix + rand(length), rand(2)
         questions.append([(context + common + tail[:-1], common + tail) for tail in (rand(3), rand(1), rand(6))])
+    for length in (4, 7):  # MMLU-like: one-token answers read at the context's last position
+        context = prefix + rand(length)
+        questions.append([(context, [t]) for t in rand(4)])
     questions.append([(prefix[:10] + rand(4), rand(2))])  # a question that shares only part of the prefix
-    for batch_size in (1, 3, 16):
-        bar = ev.tqdm(disable=True)
-        scores = ev.score_unit(model, questions, batch_size, bar)
-        for q, lls in zip(questions, scores):
-            for (inputs, targets), ll in zip(q, lls):
-                with torch.no_grad():
-                    logits, _ = model(torch.tensor([inputs]))
-                logprobs = logits[0, -len(targets):].log_softmax(-1)
-                expected = logprobs.gather(1, torch.tensor(targets)[:, None]).sum().item()
-                assert abs(ll - expected) < 1e-4
+    expected = [ev.score_reference(model, q) for q in questions]
+    for batch_size in (1, 3, 5, 16):
+        scores = ev.score_unit(model, questions, batch_size, ev.tqdm(disable=True))
+        assert max(abs(a - b) for lls, ref in zip(scores, expected) for a, b in zip(lls, ref)) < 1e-4
 
 
 def test_command_line_writes_table_and_json(hf_dir, tmp_path):
@@ -218,7 +215,16 @@ def write_task(root, task, split, rows):
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "arc_easy,squad"], "unknown task 'squad' (known: arc_easy, arc_challenge, hellaswag, piqa, "
-                                    "winogrande, mmlu)"),
+                                    "winogrande, mmlu, gsm8k, math500)"),
+    # the default limit of math500 (4096) is beyond this model's context of 320
+    (["--tasks", "math500"], "math500: a generation limit of 4096 tokens leaves no room for a prompt in the model's "
+                             "context of 320 (set --max_gen_toks below it)"),
+    (["--tasks", "gsm8k", "--max_gen_toks", "320"], "gsm8k: a generation limit of 320 tokens leaves no room for a "
+                                                    "prompt in the model's context of 320 (set --max_gen_toks below it)"),
+    (["--tasks", "math500", "--num_fewshot", "2"], "math500 is zero-shot: it has no split to draw shots from"),
+    (["--tasks", "gsm8k", "--samples", "4"], "--samples > 1 needs --temperature > 0: greedy completions are all the same"),
+    (["--tasks", "piqa", "--chat"], "--chat applies to generative tasks, and piqa is multiple choice"),
+    (["--tasks", "gsm8k", "--log_samples"], "--log_samples writes into --out: give --out FILE.json"),
     (["--tasks", "piqa", "--suite", "moxin_zeroshot"], "give either --tasks or --suite"),
     (["--tasks", "hellaswag", "--num_fewshot", "4"], "hellaswag: 4 shots need 5 rows (one more than k: the question "
                                                      "itself is skipped), but its train split has 4"),
@@ -233,9 +239,9 @@ def test_bad_arguments(hf_dir, capsys, args, message):
 
 
 def test_bad_data_dir(hf_dir, tmp_path, capsys):
-    def fails(data_dir, task, message):
+    def fails(data_dir, task, message, *extra):
         with pytest.raises(SystemExit):
-            ev.main(["--ckpt", str(hf_dir), "--tasks", task, "--data_dir", str(data_dir)])
+            ev.main(["--ckpt", str(hf_dir), "--tasks", task, "--data_dir", str(data_dir), *extra])
         assert capsys.readouterr().err == f"error: {message}\n"
 
     fails(tmp_path, "arc_easy", f"{tmp_path}/arc_easy/test.jsonl not found: --data_dir needs arc_easy/test.jsonl")
@@ -248,3 +254,213 @@ def test_bad_data_dir(hf_dir, tmp_path, capsys):
                                                        "answer": "1"}])
     fails(tmp_path, "winogrande", f"{tmp_path}/winogrande/validation.jsonl line 1: cannot render this winogrande "
                                   "row (ValueError: substring not found)")
+    write_task(tmp_path, "gsm8k", "test", [{"question": "How many?", "answer": "#### 2"}, {"question": "And now?"}])
+    fails(tmp_path, "gsm8k", f"{tmp_path}/gsm8k/test.jsonl line 2: missing field 'answer'")
+    write_task(tmp_path, "math500", "test", [{"question": "What is 1 + 1?", "answer": "2"}])
+    fails(tmp_path, "math500", f"{tmp_path}/math500/test.jsonl line 1: missing field 'problem'", "--max_gen_toks", "64")
+
+
+# ----------------------------------------------------------------------------- generative tasks
+
+def train_gsm8k_model(path, steps=100):
+    """A tiny Mistral that has learnt the gsm8k fixture's format for a few seconds, so that its
+    greedy answers look like worked solutions, end with "#### N" and go on into the next
+    "Question:", where generation must stop. Its byte-level BPE tokenizer (400 tokens, trained
+    on the same text) keeps the output head small; both are saved as an HF model directory."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rows = [json.loads(line) for line in (DATA / "gsm8k" / "train.jsonl").open()]
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows]
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "clean_up_tokenization_spaces": False}))
+    torch.manual_seed(0)
+    # a window of 32, well inside the ~300-token prompts; trained on 32-token windows, where it is plain causal
+    model = Transformer(model_args("tiny", vocab_size=tok.get_vocab_size(), sliding_window=32, max_seq_len=1024))
+    model.init_weights()
+    g = torch.Generator().manual_seed(0)
+    stream = torch.tensor([t for i in range(30) for t in tok.encode(
+        "".join(texts[j] for j in torch.randperm(len(texts), generator=g))).ids])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - 33, (16,), generator=g)
+        batch = torch.stack([stream[s:s + 33] for s in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    export_hf(model.eval(), path, dtype=torch.float32)
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared machine run several times faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_dir(tmp_path_factory, one_thread):
+    path = tmp_path_factory.mktemp("gsm8k_model")
+    assert train_gsm8k_model(path) < 1.0
+    return path
+
+
+# Moxin's (Tulu's) chat template, tokenizer.encode_chat's format, as a transformers chat template
+TULU_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def harness_gsm8k(model_dir, chat):
+    """Per test document lm-evaluation-harness's (generated text, {filter: (answer, exact_match)})."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml", resolve_func=True)
+    splits = {f.stem: [json.loads(line) for line in f.open()] for f in (DATA / "gsm8k").glob("*.jsonl")}
+    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=1, dtype=torch.float32)
+    result = evaluator.simple_evaluate(model=lm, tasks=[harness_task(cfg, splits, 5)], log_samples=True,
+                                       apply_chat_template=chat, task_manager=TaskManager(include_defaults=False))
+    out = {}
+    for s in result["samples"]["gsm8k"]:
+        text, answers = out.setdefault(s["doc_id"], (s["resps"][0][0], {}))
+        assert s["resps"][0][0] == text
+        answers[s["filter"]] = (s["filtered_resps"][0], s["exact_match"])
+    return [out[i] for i in sorted(out)]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_gsm8k_matches_harness(gsm8k_dir, tmp_path, chat):
+    """The same prompts, the same greedy text cut at the same stop string, the same answers from
+    both filters and the same exact_match verdicts as lm-eval 0.4.13's HFLM, item by item; with
+    --chat as with the harness's --apply_chat_template (the whole prompt as one user turn)."""
+    if chat:
+        shutil.copytree(gsm8k_dir, tmp_path / "chat")
+        gsm8k_dir = tmp_path / "chat"
+        config = json.loads((gsm8k_dir / "tokenizer_config.json").read_text())
+        (gsm8k_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TULU_TEMPLATE}))
+    model, spec = load_model(str(gsm8k_dir))
+    result = ev.evaluate(model, Tokenizer.load(spec), "gsm8k", data_dir=str(DATA), batch_size=4, progress=False,
+                         gen=ev.Generation(chat=chat))
+    expected = harness_gsm8k(gsm8k_dir, chat)
+    assert len(result["items"]) == len(expected) == 6
+    for item, (text, answers) in zip(result["items"], expected):
+        completion = item["completions"][0]
+        assert completion["text"] == text
+        for name in ("strict-match", "flexible-extract"):
+            assert (completion["extracted"][name], completion["scores"][f"exact_match,{name}"]) == answers[name]
+    if chat:  # the model has never seen the chat tags: its answers are whatever they are
+        return
+    stopped = [item["completions"][0]["stopped_by"] for item in result["items"]]
+    assert "Question:" in stopped  # the stop sequence is exercised
+    verdicts = [item["scores"]["exact_match,strict-match"] for item in result["items"]]
+    assert 0 < sum(verdicts) < len(verdicts)  # right and wrong answers both occur
+    assert result["metrics"]["exact_match,strict-match"] == sum(verdicts) / len(verdicts)
+
+
+# (model output, gold answer, verdict): each verdict argued
+MATH_CASES = [
+    # the plain case
+    ("So the sum is $\\boxed{\\frac{3}{4}}$.", "\\frac{3}{4}", True),
+    # nested braces: the box closes at the brace matching its own, not at the first "}"; the
+    # gold's \sqrt3 is LaTeX shorthand for \sqrt{3}
+    ("Hence $\\boxed{\\frac{\\sqrt{3}}{2}}$", "\\frac{\\sqrt3}{2}", True),
+    ("$\\boxed{\\{1, 2\\}}$", "\\{1,2\\}", True),  # escaped braces inside the box pair up too
+    # \dfrac is \frac at display size, \frac12 is \frac{1}{2}: one number written three ways
+    ("$\\boxed{\\dfrac{1}{2}}$", "\\frac12", True),
+    # 0.5 is exactly 1/2 (MATH's own normalisation maps "0.5" to \frac{1}{2}); a reward that
+    # rejected it would teach the model a notation, not mathematics
+    ("$\\boxed{0.5}$", "\\frac12", True),
+    # ...but only exactly: a rounded decimal is a different number
+    ("$\\boxed{0.33}$", "\\frac13", False),
+    # no \boxed: the instruction asks for one and a grader must not guess which number is meant
+    ("The answer is 5.", "5", False),
+    # cut off before the box closed: there is no final answer
+    ("so $\\boxed{\\frac{1}{2}", "\\frac{1}{2}", False),
+    # units after the number are not part of the answer (MATH's rule: what follows "\text{ ")
+    ("The side is $\\boxed{5\\text{ cm}}$.", "5", True),
+    ("$\\boxed{25\\text{cm}}$", "25", True),
+    ("$\\boxed{30^\\circ}$", "30", True),
+    ("$\\boxed{\\$18}$", "18", True),
+    ("$\\boxed{10\\%}$", "10", True),
+    # trailing text after the box does not matter; only the last box is the final answer
+    ("$\\boxed{7}$. Checking: 3 + 4 = 7, as required.", "7", True),
+    ("First $\\boxed{3}$, but that is wrong; correcting, $\\boxed{4}$ and done.", "3", False),
+    ("First $\\boxed{3}$, but that is wrong; correcting, $\\boxed{4}$ and done.", "4", True),
+    # "x = 2" answers with a name for the value; the value is what is graded
+    ("$\\boxed{x = 2}$", "2", True),
+    # one thousand with a separator, an integer written as a decimal, \left/\right sizing
+    ("$\\boxed{1,000}$", "1000", True),
+    ("$\\boxed{5.0}$", "5", True),
+    ("$\\boxed{5.01}$", "5", False),
+    ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$", "(3,\\frac{\\pi}{2})", True),
+    # an ordered pair keeps its order, and its comma is not a thousands separator
+    ("$\\boxed{(2,1)}$", "(1,2)", False),
+    # \text{} around a word is formatting; the word is the answer
+    ("$\\boxed{\\text{Evelyn}}$", "\\text{Evelyn}", True),
+    ("$\\boxed{\\text{Evelyn}}$", "Evelyn", True),
+    # MATH's brace-less form for a one-token answer
+    ("the answer is $\\boxed 5$.", "5", True),
+    # a different expression is wrong however it is written
+    ("$\\boxed{2\\sqrt{3}}$", "3\\sqrt{2}", False),
+]
+
+
+@pytest.mark.parametrize("output, answer, verdict", MATH_CASES)
+def test_math_grader(output, answer, verdict):
+    assert ev.math_reward(output, answer) == float(verdict)
+
+
+def test_extract_boxed():
+    assert ev.extract_boxed("a $\\boxed{\\frac{a}{\\sqrt{b}}}$ b") == "\\frac{a}{\\sqrt{b}}"
+    assert ev.extract_boxed("\\boxed{1} then \\fbox{2}") == "2"
+    assert ev.extract_boxed("no box") is None
+    assert ev.extract_boxed("\\boxed{open") is None
+
+
+def test_generative_command_line_logs_samples(gsm8k_dir, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    ev.main(["--ckpt", str(gsm8k_dir), "--tasks", "gsm8k,math500", "--limit", "2", "--max_gen_toks", "24",
+             "--data_dir", str(DATA), "--out", str(out), "--log_samples"])
+    assert "exact_match,flexible-extract" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["results"]["gsm8k"]["n"] == 2 and written["results"]["gsm8k"]["num_fewshot"] == 5
+    assert written["results"]["math500"]["num_fewshot"] == 0
+    gsm8k, math500 = written["samples"]["gsm8k"], written["samples"]["math500"]
+    assert gsm8k[0]["prompt"].startswith("Question: ") and gsm8k[0]["prompt"].endswith(
+        "Question: Ben has 7 bags with 6 marbles in each bag. How many marbles does he have?\nAnswer:")
+    assert gsm8k[0]["gold"].endswith("#### 42")
+    completion = gsm8k[0]["completions"][0]
+    assert set(completion["extracted"]) == {"strict-match", "flexible-extract"}
+    assert completion["stopped_by"] in ("Question:", "</s>", "<|im_end|>", "eos", "max_gen_toks")
+    assert math500[1]["prompt"] == ("Solve $2x + 3 = 11$ for $x$. Let's think step by step and output the final "
+                                    "answer within \\boxed{}.")
+    assert math500[1]["gold"] == "4" and "boxed" in math500[1]["completions"][0]["extracted"]
+
+
+def test_sampling_averages_over_samples(gsm8k_dir, one_thread):
+    model, spec = load_model(str(gsm8k_dir))
+    tokenizer = Tokenizer.load(spec)
+    gen = ev.Generation(max_gen_toks=16, samples=3, temperature=1.0, seed=1)
+    run = lambda: ev.evaluate(model, tokenizer, "gsm8k", data_dir=str(DATA), limit=2, progress=False, gen=gen)
+    first, again = run(), run()
+    for item in first["items"]:
+        texts = [c["text"] for c in item["completions"]]
+        assert len(texts) == 3 and len(set(texts)) > 1  # sampled, not greedy
+        for metric, score in item["scores"].items():
+            assert score == sum(c["scores"][metric] for c in item["completions"]) / 3
+    assert first["items"] == again["items"]  # the seed fixes the samples
