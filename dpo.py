@@ -128,6 +128,12 @@ def dpo_loss(model, batch, reference, beta, loss_type):
 
 # ----------------------------------------------------------------------------- the reference, and held-out pairs
 
+def split_pairs(n_pairs, heldout_pairs, seed):
+    """(held-out, training) pair numbers: heldout_pairs of the n_pairs drawn with the seed, and the rest."""
+    order = np.random.default_rng(seed).permutation(n_pairs)
+    return np.sort(order[:heldout_pairs]), np.sort(order[heldout_pairs:])
+
+
 @torch.no_grad()
 def score_pairs(model, loader, n_pairs, device):
     """Summed log-probs [n_pairs, 2] (chosen, rejected) of every pair of loader's groups, each group
@@ -220,8 +226,7 @@ def main(rank, world_size, device):
     n_pairs = (len(offsets) - 1) // 2
     if not 0 < heldout_pairs < n_pairs:
         raise UsageError(f"heldout_pairs={heldout_pairs}: expected at least 1 and fewer than the {n_pairs} pairs")
-    order = np.random.default_rng(seed).permutation(n_pairs)
-    heldout, train = np.sort(order[:heldout_pairs]), np.sort(order[heldout_pairs:])
+    heldout, train = split_pairs(n_pairs, heldout_pairs, seed)
     make_loader = partial(PairLoader, ids, mask, offsets, batch_size=batch_size, rank=rank, world_size=world_size,
                           seed=seed, pad_id=tokenizer.eos_id)  # padding is never attended to nor scored
     loader, heldout_loader = make_loader(train), make_loader(heldout)
