@@ -283,35 +283,45 @@ def test_torchrun_two_ranks_matches_one_process(reference, tiny, pairs_file, tmp
         assert fsdp_heldout[when] == pytest.approx(record, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize('expected, rows', [
+    ("bad.jsonl:2: a preference pair needs 'chosen' and 'rejected' fields, this row has ['chosen', 'prompt']",
+     [PAIRS[0], {'prompt': 'x', 'chosen': PAIRS[0]['chosen']}]),
+    ("bad.jsonl:2: 'chosen' and 'rejected' differ at message 0: the two conversations of a pair share",
+     [PAIRS[0], {'chosen': PAIRS[0]['chosen'], 'rejected': [user('What is the capital of Spain?'), assistant('Madrid.')]}]),
+    ("bad.jsonl:3: 'chosen' and 'rejected' differ at message 1", [PAIRS[0], PAIRS[1], pair([user('Hi')], 'a', 'b') | {
+        'rejected': [user('Hi'), assistant('Hello.'), user('Hi again'), assistant('b')]}]),
+    ("bad.jsonl:3: the 'rejected' response is empty", [PAIRS[0], PAIRS[1], pair([user('Hi')], 'Hello.', '  ')]),
+    ("bad.jsonl:1: 'chosen' message 0: expected {'role': one of system, user, assistant",
+     [{'chosen': [{'role': 'human', 'content': 'Hi'}, assistant('Hello.')], 'rejected': PAIRS[0]['rejected']}]),
+    ("bad.jsonl:1: 'rejected' ends with a user message, not the assistant's response",
+     [{'chosen': PAIRS[0]['chosen'], 'rejected': PAIRS[0]['chosen'][:1]}]),
+    ("bad.jsonl:1: 'chosen' is not a list of messages", [{'chosen': 'Paris.', 'rejected': PAIRS[0]['rejected']}]),
+    ("no preference pair to train on (1 skipped: longer than block_size)", [TOO_LONG]),
+])
+def test_bad_rows_are_named(mistral, tmp_path, expected, rows):
+    data = write_jsonl(tmp_path / 'bad.jsonl', rows)
+    with pytest.raises(trainer.UsageError) as e:
+        chat_data.load_pairs(str(data), mistral, 64, workers=1, seed=0)
+    assert expected in str(e.value) and str(data) in str(e.value)
+
+
 def tree_digest(path):
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob('*')) if p.is_file()}
 
 
-def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, pairs_file, tmp_path):
+def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, tmp_path):
+    """A finished run's out_dir: neither a bad row nor a run whose reference log-probs would differ
+    (other data: refused, not recomputed over the cache) may touch it."""
     out, _, _, _ = reference
     finished = tmp_path / 'finished'
-    shutil.copytree(out, finished)  # a finished run's out_dir: none of the failed runs may touch it
+    shutil.copytree(out, finished)
     before = tree_digest(finished)
-    good = PAIRS[0]
-    other_prompt = {'chosen': good['chosen'], 'rejected': [user('What is the capital of Spain?'), assistant('Madrid.')]}
-    cases = [  # (the error, the .jsonl rows, more arguments)
-        ("{data}:2: a preference pair needs 'chosen' and 'rejected' fields, this row has ['chosen', 'prompt']",
-         [good, {'prompt': 'x', 'chosen': good['chosen']}], []),
-        ("{data}:2: 'chosen' and 'rejected' differ at message 0", [good, other_prompt], []),
-        ("{data}:3: the 'rejected' response is empty", [good, good, pair([user('Hi')], 'Hello.', '  ')], []),
-        ("{data}:1: 'chosen' message 0: expected {{'role': one of system, user, assistant",
-         [{'chosen': [{'role': 'human', 'content': 'Hi'}, assistant('Hello.')], 'rejected': good['rejected']}], []),
-        ("{data}:1: 'rejected' ends with a user message, not the assistant's response",
-         [{'chosen': good['chosen'], 'rejected': good['chosen'][:1]}], []),
-        ("no preference pair to train on (1 skipped: longer than block_size)", [TOO_LONG], []),
-        # the finished run's cached reference belongs to other data: refused, not recomputed over it
-        ("reference_logps.pt holds the reference log-probs of other data, batching or init_from", PAIRS[1:], []),
-    ]
     procs = {}
-    for n, (expected, rows, extra) in enumerate(cases):
-        data = write_jsonl(tmp_path / f'bad{n}.jsonl', rows)
+    for expected, rows in [("{data}:2: a preference pair needs 'chosen' and 'rejected' fields", [PAIRS[0], {'chosen': []}]),
+                           ("reference_logps.pt holds the reference log-probs of other data, batching or init_from", PAIRS[1:])]:
+        data = write_jsonl(tmp_path / f'data{len(procs)}.jsonl', rows)
         procs[expected.format(data=data)] = start('dpo.py', [f'--init_from={tiny}', f'--dataset={data}', *ARGS,
-                                                             f'--out_dir={finished}', *extra], wait=False)
+                                                             f'--out_dir={finished}'], wait=False)
     procs["init_from=out/none.pt: no such file or directory (the demo tunes the SFT demo model: run `python sft.py` first)"] = \
         start('dpo.py', ['--init_from=out/none.pt', f'--out_dir={tmp_path / "new"}'], wait=False)
     for expected, p in procs.items():
@@ -321,3 +331,13 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, pairs_
         assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
     assert tree_digest(finished) == before
     assert not (tmp_path / 'new').exists()
+
+
+def test_tulu3_config_sets_only_dpo_settings():
+    """config/dpo_tulu3.py needs the hub and 8 GPUs to run; here it is applied to dpo.py's settings."""
+    import configurator
+    settings = {k: getattr(dpo, k) for k in dpo.config_keys}
+    configurator.apply_overrides(settings, dpo.config_keys, [str(ROOT / 'config' / 'dpo_tulu3.py')])
+    assert (settings['loss_type'], settings['beta'], settings['lr'], settings['epochs']) == ('dpo_norm', 5.0, 5e-7, 1.0)
+    assert settings['batch_size'] * settings['grad_accum'] * 8 == 128 and settings['block_size'] == 2048
+    assert settings['init_from'] == 'out/moxin7b_instruct/final.pt'  # what config/sft_tulu3.py writes
