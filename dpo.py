@@ -111,7 +111,7 @@ def preference_terms(policy, reference, counts, beta, loss_type):
     return -F.logsigmoid(chosen - rejected), chosen, rejected
 
 
-def metric_sums(losses, chosen, rejected):
+def metric_sums(chosen, rejected):
     """What TRL logs, as sums over the pairs (divided by their number when logged)."""
     return {'rewards/chosen': chosen.sum(), 'rewards/rejected': rejected.sum(),
             'rewards/accuracies': (chosen > rejected).sum(), 'rewards/margins': (chosen - rejected).sum()}
@@ -123,7 +123,7 @@ def dpo_loss(model, batch, reference, beta, loss_type):
     logps, counts = sequence_logps(model, x, y)
     as_pairs = lambda t: t.view(2, -1).T  # rows: chosen ones, then rejected ones
     losses, chosen, rejected = preference_terms(as_pairs(logps), reference[index], as_pairs(counts), beta, loss_type)
-    return losses.sum(), len(index), {k: v.detach() for k, v in metric_sums(losses, chosen, rejected).items()}
+    return losses.sum(), len(index), {k: v.detach() for k, v in metric_sums(chosen, rejected).items()}
 
 
 # ----------------------------------------------------------------------------- the reference, and held-out pairs
@@ -174,11 +174,12 @@ def cached_reference(path, key, resume_path):
         return None
     try:
         cache = torch.load(path, weights_only=True)
+        saved_key, about = cache['fingerprint'], cache['about']
     except Exception as e:  # a truncated or foreign file
-        raise UsageError(f"{path}: cannot be read ({type(e).__name__}); start over in a new out_dir") from None
-    if cache.get('fingerprint') != key:
+        raise UsageError(f"{path}: not a reference log-probs file ({type(e).__name__}); start over in a new out_dir") from None
+    if saved_key != key:
         raise UsageError(f"{path} holds the reference log-probs of other data, batching or init_from "
-                         f"(it was computed for {cache.get('about')}): use a new out_dir for this run")
+                         f"(it was computed for {about}): use a new out_dir for this run")
     return cache['logps']
 
 
@@ -187,7 +188,7 @@ def heldout_report(policy, reference, counts, beta, loss_type):
     policy itself gives the chosen response the higher (per-token under dpo_norm) log-probability."""
     losses, chosen, rejected = (t.double() for t in preference_terms(policy, reference, counts, beta, loss_type))
     scores = policy / counts if loss_type == 'dpo_norm' else policy
-    sums = {'loss': losses.sum(), **metric_sums(losses, chosen, rejected),
+    sums = {'loss': losses.sum(), **metric_sums(chosen, rejected),
             'logps/accuracies': (scores[:, 0] > scores[:, 1]).sum()}
     return {k: v.item() / len(policy) for k, v in sums.items()}
 
