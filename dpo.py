@@ -165,6 +165,17 @@ def fingerprint(ids, mask, offsets, loaders, init_from):
     return digest.hexdigest() + hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
 
 
+def compute_reference(model, loaders, n_pairs, device, path, key, about):
+    """The starting model's log-probs of every pair of the loaders, saved to path (by rank 0) with its fingerprint."""
+    reference = sum(score_pairs(model, loader, n_pairs, device) for loader in loaders)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({'fingerprint': key, 'logps': reference.cpu(), 'about': about}, path + '.tmp')
+        os.replace(path + '.tmp', path)
+        print(f"reference log-probs of {n_pairs:,} pairs: {path}")
+    return reference
+
+
 def cached_reference(path, key, resume_path):
     """The reference log-probs saved for this very run, or None when they are still to be computed."""
     if not os.path.exists(path):
@@ -193,8 +204,10 @@ def heldout_report(policy, reference, counts, beta, loss_type):
     return {k: v.item() / len(policy) for k, v in sums.items()}
 
 
-def describe_report(when, report):
-    return (f"held-out pairs {when}: reward accuracy {report['rewards/accuracies']:.3f}, margin "
+def log_report(run, when, report):
+    """A held-out report to log.jsonl (keys heldout/..., at the step it was taken: 0 before training) and the terminal."""
+    run.log({'step': run.step, **{f'heldout/{k}': v for k, v in report.items()}},
+            f"held-out pairs {when} training: reward accuracy {report['rewards/accuracies']:.3f}, margin "
             f"{report['rewards/margins']:.3f}, loss {report['loss']:.4f}; the model prefers the chosen "
             f"response in {report['logps/accuracies']:.1%}")
 
@@ -256,19 +269,14 @@ def main(rank, world_size, device):
               f"{batch_size * grad_accum * world_size} pairs; {epochs} epochs = {max_steps} steps, "
               f"{warmup_steps} of warmup, then linear decay to 0; {loss_type}, beta {beta}")
     if reference is None:
-        reference = score_pairs(model, loader, n_pairs, device) + score_pairs(model, heldout_loader, n_pairs, device)
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
-            torch.save({'fingerprint': key, 'logps': reference.cpu(),
-                        'about': f"dataset={dataset}, init_from={init_from}, {n_pairs} pairs"}, cache_path + '.tmp')
-            os.replace(cache_path + '.tmp', cache_path)
-            print(f"reference log-probs of {n_pairs:,} pairs: {cache_path}")
+        reference = compute_reference(model, (loader, heldout_loader), n_pairs, device, cache_path, key,
+                                      f"dataset={dataset}, init_from={init_from}, {n_pairs} pairs")
     reference = reference.to(device)
     heldout_index = torch.from_numpy(heldout).to(device)
     before = heldout_report(reference[heldout_index], reference[heldout_index], counts[heldout_index], beta, loss_type)
     run.start(model, optimizer, loader, resume_path, max_steps, 'dpo')
     if not resume_path:
-        run.log({'step': 0, **{f'heldout/{k}': v for k, v in before.items()}}, describe_report('before training', before))
+        log_report(run, 'before', before)
 
     # ---- the loop
     loss_fn = partial(dpo_loss, reference=reference, beta=beta, loss_type=loss_type)
@@ -279,7 +287,7 @@ def main(rank, world_size, device):
 
     policy = score_pairs(model, heldout_loader, n_pairs, device)[heldout_index]
     after = heldout_report(policy, reference[heldout_index], counts[heldout_index], beta, loss_type)
-    run.log({'step': run.step, **{f'heldout/{k}': v for k, v in after.items()}}, describe_report('after training', after))
+    log_report(run, 'after', after)
     run.finish(tokenizer, with_hf=export_hf)
     if master:
         print(f"done: {run.step} steps, {run.tokens:,} tokens in {time.time() - t_start:.0f}s; held-out reward "
