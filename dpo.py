@@ -69,7 +69,7 @@ beta = 5.0                     # how far the policy may move from the reference 
 # batch: one optimizer step sees batch_size * grad_accum * world_size pairs
 batch_size = 8                 # pairs per micro-batch per rank (2 x as many conversations)
 grad_accum = 2
-epochs = 2.0                   # ~7 minutes on 2 quiet cores (the reference pass adds a third of an epoch)
+epochs = 2.0                   # passes over the training pairs (float); 3 would risk the demo's 10 minutes on 2 cores
 # optimizer and schedule: linear warmup, then linear decay to 0 (open-instruct's)
 lr = 1e-4
 warmup_ratio = 0.1
