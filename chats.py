@@ -2,10 +2,13 @@
 Conversation data for the fine-tuning stages (sft.py, dpo.py, grpo.py): where the rows come
 from and how they become token ids with a loss mask.
 
+    chat_tokenizer(spec, ...)   a model's tokenizer, checked fit for the chat template
     rows(dataset)               -> (where, row) for 'pydoc' (offline demo), a .jsonl file, or an HF dataset
     pydoc_conversations()       the offline demo: this interpreter's documentation as Q&A
     load_conversations(...)     every conversation tokenized up front (tokenizer.encode_chat), with the
                                 ones that have nothing to learn skipped and counted
+    load_pairs(...)             preference pairs (Tulu 3's schema: 'chosen' and 'rejected' message lists
+                                sharing all but the final response), or the offline pydoc_preferences()
 
 Bad input raises trainer.UsageError naming the file and line (or row).
 """
@@ -20,6 +23,22 @@ import numpy as np
 from data import ordered_map, read_jsonl
 from tokenizer import Tokenizer, encode_chat
 from trainer import UsageError
+
+
+def chat_tokenizer(spec, args, block_size):
+    """The tokenizer of a model (spec from its checkpoint) that a fine-tuning stage trains on chats
+    of block_size tokens; UsageError if it cannot be one."""
+    try:
+        tokenizer = Tokenizer.load(spec)
+    except ValueError as e:
+        raise UsageError(f"the model's tokenizer: {e}") from None
+    if tokenizer.eos_id is None:
+        raise UsageError(f"tokenizer {tokenizer.spec} has no EOS token, which ends every reply in the chat template")
+    if tokenizer.vocab_size > args.vocab_size:
+        raise UsageError(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} tokens, the model only {args.vocab_size}")
+    if block_size > args.max_seq_len:
+        raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
+    return tokenizer
 
 
 def rows(dataset):
@@ -125,7 +144,22 @@ def _start_worker(spec):
 
 
 def _encode_in_worker(item):
-    return encode_row(_worker_tokenizer, *item)
+    encode, *args = item
+    return encode(_worker_tokenizer, *args)
+
+
+def encode_rows(encode, items, tokenizer, workers):
+    """encode(tokenizer, *item) for every item, in order; in `workers` processes when more than one,
+    forked (on Linux) like torch's DataLoader workers: they start at once and never touch the GPU.
+    encode must be a module-level function."""
+    if workers <= 1:
+        yield from (encode(tokenizer, *item) for item in items)
+        return
+    pool = multiprocessing.Pool(workers, _start_worker, (tokenizer.spec,))
+    try:
+        yield from ordered_map(pool, _encode_in_worker, ((encode, *item) for item in items))
+    finally:
+        pool.terminate()
 
 
 def load_conversations(dataset, tokenizer, block_size, workers):
@@ -133,26 +167,16 @@ def load_conversations(dataset, tokenizer, block_size, workers):
     run before anything is written, and the number of conversations fixes the number of steps.
     -> (ids, mask, offsets, skipped): conversation i is ids[offsets[i]:offsets[i + 1]]."""
     items = ((where, row, block_size) for where, row in rows(dataset))
-    if workers > 1:
-        # forked (on Linux) like torch's DataLoader workers: they start at once and never touch the GPU
-        pool = multiprocessing.Pool(workers, _start_worker, (tokenizer.spec,))
-        encoded = ordered_map(pool, _encode_in_worker, items)
-    else:
-        pool, encoded = None, (encode_row(tokenizer, *item) for item in items)
     kept_ids, kept_mask = [], []
     skipped = {'no assistant turn': 0, 'no reply within block_size': 0}
-    try:
-        for ids, mask, has_reply in encoded:
-            if not has_reply:
-                skipped['no assistant turn'] += 1
-            elif not mask.any():  # the conversation is cut before its first reply: nothing to learn
-                skipped['no reply within block_size'] += 1
-            else:
-                kept_ids.append(ids)
-                kept_mask.append(mask)
-    finally:
-        if pool:
-            pool.terminate()
+    for ids, mask, has_reply in encode_rows(encode_row, items, tokenizer, workers):
+        if not has_reply:
+            skipped['no assistant turn'] += 1
+        elif not mask.any():  # the conversation is cut before its first reply: nothing to learn
+            skipped['no reply within block_size'] += 1
+        else:
+            kept_ids.append(ids)
+            kept_mask.append(mask)
     if not kept_ids:
         raise UsageError(f"dataset={dataset}: no conversation to train on ({describe_skipped(skipped)})")
     offsets = np.cumsum([0] + [len(ids) for ids in kept_ids])
@@ -163,4 +187,74 @@ def describe_skipped(skipped):
     return ', '.join(f"{n:,} skipped: {why}" for why, n in skipped.items())
 
 
-# ----------------------------------------------------------------------------- the run
+
+# ----------------------------------------------------------------------------- preference pairs (dpo.py)
+
+def pydoc_preferences(seed):
+    """The offline demo's preference pairs, (where, row) in the Tulu 3 schema: the first exchange of
+    each pydoc conversation, chosen = its own documentation answer, rejected = the answer about
+    another object, drawn with the seed (never the same text: some objects share a docstring)."""
+    exchanges = [messages[:2] for messages in pydoc_conversations()]
+    rng = np.random.default_rng(seed)
+    for n, (question, answer) in enumerate(exchanges):
+        other = answer
+        while other['content'] == answer['content']:
+            other = exchanges[(n + rng.integers(1, len(exchanges))) % len(exchanges)][1]
+        yield f"pydoc pair {n}", {'chosen': [question, answer], 'rejected': [question, other]}
+
+
+def encode_pair(tokenizer, where, row, block_size):
+    """-> (chosen ids, chosen mask, rejected ids, rejected mask) of a preference row, int32/bool arrays,
+    or None when either conversation is longer than block_size + 1 tokens (block_size positions).
+    Each is the shared prompt (every message but the last, rendered by encode_chat) followed by its
+    final assistant reply and EOS, and the mask marks that reply and EOS only: earlier assistant
+    turns belong to the prompt. Raises UsageError, naming the row, on anything that is not a pair."""
+    if not isinstance(row, dict) or 'chosen' not in row or 'rejected' not in row:
+        raise UsageError(f"{where}: a preference pair needs 'chosen' and 'rejected' fields, this row has "
+                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+    encoded = []
+    for side in ('chosen', 'rejected'):
+        messages = row[side]
+        if not isinstance(messages, list) or not messages:
+            raise UsageError(f"{where}: '{side}' is not a list of messages")
+        try:
+            ids, mask = encode_chat(tokenizer, messages)
+        except ValueError as e:  # an unknown role, a content that is not a string
+            raise UsageError(f"{where}: '{side}' {e}") from None
+        if messages[-1]['role'] != 'assistant':
+            raise UsageError(f"{where}: '{side}' ends with a {messages[-1]['role']} message, not the assistant's response")
+        if not messages[-1]['content'].strip():
+            raise UsageError(f"{where}: the '{side}' response is empty")
+        encoded.append((ids, mask))
+    prompts = [[(m['role'], m['content']) for m in row[side][:-1]] for side in ('chosen', 'rejected')]
+    if prompts[0] != prompts[1]:
+        n = next((n for n, (a, b) in enumerate(zip(*prompts)) if a != b), min(map(len, prompts)))
+        raise UsageError(f"{where}: 'chosen' and 'rejected' differ at message {n}: the two conversations of a pair "
+                         f"share every message but the final response")
+    prompt_len = len(encode_chat(tokenizer, row['chosen'][:-1], add_generation_prompt=True)[0])
+    pair = []
+    for ids, mask in encoded:
+        end = len(mask) - mask[::-1].index(1)  # just after the final reply's EOS
+        if end > block_size + 1:
+            return None
+        pair += [np.array(ids[:end], dtype=np.int32), np.array([0] * prompt_len + mask[prompt_len:end], dtype=bool)]
+    return tuple(pair)
+
+
+def load_pairs(dataset, tokenizer, block_size, workers, seed):
+    """Read and tokenize every preference pair up front ('pydoc' = pydoc_preferences(seed), else a
+    .jsonl file or HF dataset read by rows()). -> (ids, mask, offsets, skipped): pair i's chosen
+    conversation is sequence 2i, ids[offsets[2i]:offsets[2i + 1]], its rejected one sequence 2i + 1."""
+    source = pydoc_preferences(seed) if dataset == 'pydoc' else rows(dataset)
+    items = ((where, row, block_size) for where, row in source)
+    sequences, skipped = [], {'longer than block_size': 0}
+    for pair in encode_rows(encode_pair, items, tokenizer, workers):
+        if pair is None:
+            skipped['longer than block_size'] += 1
+        else:
+            sequences += [pair[:2], pair[2:]]
+    if not sequences:
+        raise UsageError(f"dataset={dataset}: no preference pair to train on ({describe_skipped(skipped)})")
+    offsets = np.cumsum([0] + [len(ids) for ids, _ in sequences])
+    return (np.concatenate([ids for ids, _ in sequences]), np.concatenate([mask for _, mask in sequences]),
+            offsets, skipped)

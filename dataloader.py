@@ -5,6 +5,8 @@ Batches for training, read from what data.py and sft.py prepare, each resumable 
                                          packed across document boundaries
     ChatLoader(ids, mask, offsets, ...)  fine-tuning: whole conversations, right-padded, with
                                          targets -1 wherever there is nothing to learn
+    PairLoader(ids, mask, offsets, ...)  preference tuning: micro-batches of (chosen, rejected) pairs
+                                         fixed once, visited in a new order each epoch
 
 Both share one contract: next_batch() -> (x, y) LongTensors; an epoch visits every window or
 conversation once in a seeded order that is new each epoch; rank r of world_size takes every
@@ -84,6 +86,22 @@ class PackedLoader:
         self.epoch, self.step = state['epoch'], state['step']
 
 
+def padded_rows(ids, mask, offsets, sequences, pad_id):
+    """(x, y) LongTensors [len(sequences), T] of the given sequences (sequence i is
+    ids[offsets[i]:offsets[i + 1]]), right-padded to the longest: T is its length - 1, position t
+    predicts token t + 1, and y = -1 wherever the mask is off or there is only padding."""
+    spans = [slice(offsets[i], offsets[i + 1]) for i in sequences]
+    T = max(s.stop - s.start for s in spans) - 1
+    x = torch.full((len(spans), T), pad_id, dtype=torch.long)
+    y = torch.full((len(spans), T), -1, dtype=torch.long)
+    for row, s in enumerate(spans):
+        row_ids, row_mask = torch.from_numpy(ids[s].astype(np.int64)), torch.from_numpy(mask[s])
+        n = len(row_ids) - 1
+        x[row, :n] = row_ids[:-1]
+        y[row, :n] = torch.where(row_mask[1:], row_ids[1:], -1)
+    return x, y
+
+
 class ChatLoader:
     """Micro-batches of whole conversations: (x, y) LongTensors [batch_size, T], T the longest
     conversation in the batch (at most block_size), y = -1 wherever there is nothing to learn.
@@ -120,16 +138,7 @@ class ChatLoader:
         first = self.step * self.batch_size * self.world_size
         picked = self._order[first + self.rank:first + self.batch_size * self.world_size:self.world_size]
         self.step += 1
-        spans = [slice(self.offsets[i], self.offsets[i + 1]) for i in picked]
-        T = max(s.stop - s.start for s in spans) - 1
-        x = torch.full((len(spans), T), self.pad_id, dtype=torch.long)
-        y = torch.full((len(spans), T), -1, dtype=torch.long)
-        for row, s in enumerate(spans):
-            ids, mask = torch.from_numpy(self.ids[s].astype(np.int64)), torch.from_numpy(self.mask[s])
-            n = len(ids) - 1
-            x[row, :n] = ids[:-1]
-            y[row, :n] = torch.where(mask[1:], ids[1:], -1)  # position t predicts token t + 1
-        return x, y
+        return padded_rows(self.ids, self.mask, self.offsets, picked, self.pad_id)
 
     def state_dict(self):
         return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
@@ -138,6 +147,58 @@ class ChatLoader:
     def load_state_dict(self, state):
         mine = self.state_dict()
         for key in ('seed', 'world_size', 'batch_size', 'conversations', 'tokens'):
+            if state[key] != mine[key]:
+                raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
+                                 f"same data and settings, or start a new out_dir")
+        self.epoch, self.step = state['epoch'], state['step']
+
+
+class PairLoader:
+    """Micro-batches of preference pairs: (x, y, index), x and y [2B, T] as ChatLoader's, the B
+    chosen conversations first, then their B rejected ones in the same order, and index [B] the
+    pairs' numbers (pair i is sequences 2i and 2i + 1 of ids/offsets, see chats.load_pairs).
+
+    The micro-batches themselves are drawn once, from the seed: groups of batch_size pairs of
+    `pairs` (the last one smaller). So each pair is always computed beside the same others, in a
+    batch of the same shape, whatever the epoch and however many ranks share the work: dpo.py
+    computes the reference log-probs in these very groups, and the policy's at the first step
+    equal them bit for bit. An epoch visits every group once in a seeded order, new each epoch;
+    rank r of world_size takes every world_size-th group (the remainder of an epoch is dropped);
+    state_dict() resumes exactly.
+    """
+
+    def __init__(self, ids, mask, offsets, pairs, batch_size, rank=0, world_size=1, seed=0, pad_id=0):
+        self.ids, self.mask, self.offsets, self.pad_id = ids, mask, offsets, pad_id
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        shuffled = np.random.default_rng(seed).permutation(np.asarray(pairs))
+        self.groups = [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
+        self.pairs = len(shuffled)
+        self.steps_per_epoch = len(self.groups) // world_size
+        self.epoch, self.step, self._order_epoch = 0, 0, None
+
+    def group(self, g):
+        """The micro-batch of group g."""
+        index = self.groups[g]
+        sequences = np.concatenate([2 * index, 2 * index + 1])
+        return (*padded_rows(self.ids, self.mask, self.offsets, sequences, self.pad_id), torch.from_numpy(index.astype(np.int64)))
+
+    def next_batch(self):
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.groups))
+            self._order_epoch = self.epoch
+        g = self._order[self.step * self.world_size + self.rank]
+        self.step += 1
+        return self.group(g)
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
+                    batch_size=self.batch_size, pairs=self.pairs, tokens=len(self.ids))
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ('seed', 'world_size', 'batch_size', 'pairs', 'tokens'):
             if state[key] != mine[key]:
                 raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
                                  f"same data and settings, or start a new out_dir")

@@ -34,11 +34,10 @@ import time
 from dataclasses import asdict
 
 import dryrun
-from chats import describe_skipped, load_conversations
+from chats import chat_tokenizer, describe_skipped, load_conversations
 from configurator import settings
 from dataloader import ChatLoader
 from model import ModelArgs
-from tokenizer import Tokenizer
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
                      grad_accum_for, launch, lm_loss, lr_at, read_init_weights, train_step)
 from weights import is_hub_id
@@ -113,18 +112,9 @@ def main(rank, world_size, device):
                          f"model: run `python pretrain.py` first)")
     else:
         args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
-    try:
-        tokenizer = Tokenizer.load(tokenizer_spec)
-    except ValueError as e:
-        raise UsageError(f"the model's tokenizer: {e}") from None
-    if tokenizer.eos_id is None:
-        raise UsageError(f"tokenizer {tokenizer.spec} has no EOS token, which ends every reply in the chat template")
-    if tokenizer.vocab_size > args.vocab_size:
-        raise UsageError(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} tokens, the model only {args.vocab_size}")
+    tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
     if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
         raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
-    if block_size > args.max_seq_len:
-        raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
 
     # ---- the data, in full, before anything is built or written
     ids, mask, offsets, skipped = load_conversations(dataset, tokenizer, block_size, workers)
