@@ -57,10 +57,11 @@ from configurator import settings
 from dataloader import PairLoader
 from model import ModelArgs
 from trainer import (Run, UsageError, autocast_context, build_model, build_optimizer, checkpoint_meta, describe_model,
-                     find_checkpoint, launch, lr_at, read_init_weights, train_step)
+                     find_checkpoint, grad_accum_for, launch, lr_at, read_init_weights, train_step)
+from weights import fetch_from_hub, is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
-init_from = 'out/sft/final.pt'  # the model to tune and the reference: sft.py's output, or an HF model dir
+init_from = 'out/sft/final.pt'  # the model to tune and the reference: sft.py's output, an HF model dir or hub id
 dataset = 'pydoc'              # 'pydoc', a .jsonl file, or a Hugging Face dataset name (see above)
 heldout_pairs = 100            # pairs kept out of training, drawn with the seed, to report on
 block_size = 256               # tokens per conversation; a pair with a longer one is skipped
@@ -69,6 +70,7 @@ beta = 5.0                     # how far the policy may move from the reference 
 # batch: one optimizer step sees batch_size * grad_accum * world_size pairs
 batch_size = 8                 # pairs per micro-batch per rank (2 x as many conversations)
 grad_accum = 2
+global_batch_size = 0          # pairs per step over all ranks; when set, grad_accum follows from it
 epochs = 2.0                   # passes over the training pairs (float); 3 would risk the demo's 10 minutes on 2 cores
 # optimizer and schedule: linear warmup, then linear decay to 0 (open-instruct's)
 lr = 1e-4
@@ -219,16 +221,18 @@ def main(rank, world_size, device):
     t_start = time.time()
 
     # ---- the starting model (also the reference, and part of its fingerprint even when resuming)
-    if not os.path.exists(init_from):
+    if not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo tunes the SFT demo "
                          f"model: run `python sft.py` first)")
+    init_path = fetch_from_hub(init_from) if is_hub_id(init_from) else init_from  # the files it fingerprints
     resume_path = find_checkpoint(resume, out_dir)
+    accum = grad_accum_for(global_batch_size, batch_size, world_size, 'pairs') if global_batch_size else grad_accum
     init_state = None
     if resume_path:
         saved = checkpoint_meta(resume_path)
         args, tokenizer_spec = ModelArgs(**saved['model_args']), saved['tokenizer']
     else:
-        args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
+        args, init_state, tokenizer_spec = read_init_weights(init_path, rank, world_size)
     tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
     if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
         raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
@@ -247,10 +251,10 @@ def main(rank, world_size, device):
     if loader.steps_per_epoch == 0:
         raise UsageError(f"{len(train)} training pairs cannot fill one batch of {batch_size} on each of {world_size} ranks")
     counts = torch.from_numpy(np.add.reduceat(mask, offsets[:-1]).reshape(-1, 2)).to(device)  # scored tokens
-    max_steps = math.ceil(epochs * loader.steps_per_epoch / grad_accum)
+    max_steps = math.ceil(epochs * loader.steps_per_epoch / accum)
     warmup_steps = int(warmup_ratio * max_steps)  # as open-instruct rounds it
     cache_path = os.path.join(out_dir, 'reference_logps.pt')
-    key = fingerprint(ids, mask, offsets, (loader, heldout_loader), init_from)
+    key = fingerprint(ids, mask, offsets, (loader, heldout_loader), init_path)
     reference = cached_reference(cache_path, key, resume_path)
 
     # ---- model, optimizer, the reference log-probs, and where the run stands
@@ -265,8 +269,8 @@ def main(rank, world_size, device):
                              world_size, device))
         print(f"data: {dataset}: {n_pairs:,} pairs ({len(train):,} to train on, {len(heldout):,} held out), "
               f"{mask.sum():,} response tokens; {describe_skipped(skipped)}")
-        print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
-              f"{batch_size * grad_accum * world_size} pairs; {epochs} epochs = {max_steps} steps, "
+        print(f"global batch: {batch_size} x {accum} accum x {world_size} ranks = "
+              f"{batch_size * accum * world_size} pairs; {epochs} epochs = {max_steps} steps, "
               f"{warmup_steps} of warmup, then linear decay to 0; {loss_type}, beta {beta}")
     if reference is None:
         reference = compute_reference(model, (loader, heldout_loader), n_pairs, device, cache_path, key,
@@ -282,7 +286,7 @@ def main(rank, world_size, device):
     loss_fn = partial(dpo_loss, reference=reference, beta=beta, loss_type=loss_type)
     while run.step < max_steps:
         step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio=0.0, decay='linear')
-        batches = [loader.next_batch() for _ in range(grad_accum)]
+        batches = [loader.next_batch() for _ in range(accum)]
         run.end_step(train_step(model, optimizer, batches, loss_fn, step_lr, grad_clip), step_lr)
 
     policy = score_pairs(model, heldout_loader, n_pairs, device)[heldout_index]

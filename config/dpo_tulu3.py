@@ -16,9 +16,9 @@ block_size = 2048              # [oi] max_seq_length 2048; a pair with a longer 
 loss_type = 'dpo_norm'         # [oi] [tulu3] [moxin] length-normalised
 beta = 5.0                     # [oi] beta: 5 (for dpo_norm's per-token log-probs; plain DPO uses ~0.1)
 # global batch = 1 x 16 x 8 GPUs = 128 pairs ([oi] per_device_train_batch_size 1, gradient_accumulation_steps
-# 16, "designed for 8 GPUs, so batch size 128"). On N GPUs keep 128: grad_accum = 128 // N.
+# 16, "designed for 8 GPUs, so batch size 128"). On N GPUs grad_accum = 128 / N follows from it.
 batch_size = 1
-grad_accum = 16
+global_batch_size = 128
 epochs = 1.0                   # [oi] num_epochs 1
 lr = 5e-7                      # [oi] learning_rate 5.0e-7
 warmup_ratio = 0.1             # [oi] warmup_ratio 0.1, lr_scheduler_type linear (to 0)

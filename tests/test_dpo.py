@@ -339,5 +339,6 @@ def test_tulu3_config_sets_only_dpo_settings():
     settings = {k: getattr(dpo, k) for k in dpo.config_keys}
     configurator.apply_overrides(settings, dpo.config_keys, [str(ROOT / 'config' / 'dpo_tulu3.py')])
     assert (settings['loss_type'], settings['beta'], settings['lr'], settings['epochs']) == ('dpo_norm', 5.0, 5e-7, 1.0)
-    assert settings['batch_size'] * settings['grad_accum'] * 8 == 128 and settings['block_size'] == 2048
+    assert settings['global_batch_size'] == 128 and settings['block_size'] == 2048
+    assert dpo.grad_accum_for(128, settings['batch_size'], 8, 'pairs') == 16  # open-instruct's 1 x 16 x 8 GPUs
     assert settings['init_from'] == 'out/moxin7b_instruct/final.pt'  # what config/sft_tulu3.py writes
