@@ -447,6 +447,25 @@ def table(results):
     return "\n".join(lines)
 
 
+def extract_boxed(text):
+    """SHIM until the MATH grader lands: the contents of the last \\boxed{...} in text (braces matched), or None."""
+    start = text.rfind('\\boxed{')
+    if start < 0:
+        return None
+    depth, i = 0, start + len('\\boxed')
+    for j in range(i, len(text)):
+        depth += {'{': 1, '}': -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def math_reward(completion_text, answer):
+    """SHIM: 1.0 if the last \\boxed{} of the completion equals the answer (spaces ignored), else 0.0."""
+    boxed = extract_boxed(completion_text)
+    return float(boxed is not None and boxed.replace(' ', '') == str(answer).replace(' ', ''))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Log-likelihood multiple-choice evaluation, scored as "
                                                  "lm-evaluation-harness scores it.")

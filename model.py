@@ -280,8 +280,28 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- generation
 
+def generate(model, prompts, max_new_tokens, *args, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, stop=None,
+             generator=None, **kwargs):
+    """SHIM until the batched generate lands: prompts is a list of token-id lists -> one list of new
+    ids per prompt (ends after eos_id, when stop(new_ids) is True, or at max_new_tokens), one prompt
+    at a time. A single prompt (a list of ints) keeps the old streaming behaviour."""
+    if not prompts or isinstance(prompts[0], int):
+        return _generate_one(model, prompts, max_new_tokens, *args, temperature=temperature, top_k=top_k,
+                             top_p=top_p, eos_id=eos_id, generator=generator, **kwargs)
+    out = []
+    for prompt in prompts:
+        new = []
+        for token in _generate_one(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   eos_id=eos_id, generator=generator):
+            new.append(token)
+            if stop is not None and stop(new):
+                break
+        out.append(new)
+    return out
+
+
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
+def _generate_one(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
     """
     Yield new token ids one at a time. The prompt is prefilled through the rolling
     cache (in chunks of at most W tokens), then each step feeds one token.
