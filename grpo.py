@@ -342,8 +342,9 @@ def main(rank, world_size, device):
     loader = PromptLoader(len(prompts), prompts_per_step, rank, world_size, seed)
 
     # ---- policy, frozen reference, rollout copy, optimizer, and where the run stands
-    policy = build_model(args, device, seed, init_state, compile, activation_checkpointing)
-    reference = build_model(args, device, seed, init_state).requires_grad_(False) if kl_coef else None
+    # (loading a state dict under FSDP puts shards in place of its entries: each model gets its own dict)
+    policy = build_model(args, device, seed, dict(init_state), compile, activation_checkpointing)
+    reference = build_model(args, device, seed, dict(init_state)).requires_grad_(False) if kl_coef else None
     del init_state
     rollout_model = build_rollout_model(args, device)
     optimizer = build_optimizer(policy, lr, weight_decay, betas, eps, device)
