@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from chats import math_prompt, rows
 from configurator import settings
 from eval import math_reward
-from model import ModelArgs, Transformer, generate
+from model import Transformer, generate
 from tokenizer import Tokenizer, encode_chat
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
                      launch, lr_at, read_init_weights, train_step)
@@ -65,7 +65,7 @@ eval_limit = 200                # problems of eval_dataset to answer
 block_size = 128                # prompt + response tokens
 max_new_tokens = 32             # the longest response; prompts longer than block_size - max_new_tokens are skipped
 # one step: prompts_per_step prompts x group_size sampled completions, over all ranks
-prompts_per_step = 16
+prompts_per_step = 8
 group_size = 8
 temperature = 1.0
 top_p = 1.0
@@ -78,7 +78,7 @@ mini_batches = 1                # optimizer steps per pass; 1 x 1 = on-policy
 micro_batch_size = 32           # completions per forward/backward (memory only: the step is the same)
 # optimizer and schedule
 max_steps = 40
-lr = 2e-5
+lr = 5e-5
 warmup_steps = 0
 min_lr_ratio = 1.0              # 1.0 = constant after warmup (verl's default); else cosine down to it
 weight_decay = 0.0
@@ -291,15 +291,19 @@ def greedy_accuracy(model, problems, tokenizer, rank, world_size, device):
     return (counts[0] / counts[1]).item()
 
 
-def sum_over_ranks(values, device):
-    """The element-wise sum of a list of floats over every rank."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def rollout_stats(rewards, groups, device):
+    """The step's rollouts over every rank: mean reward, the fraction of groups whose rewards are all
+    equal (no signal), mean response length in tokens."""
+    sums = torch.tensor([rewards.sum().item(), rewards.numel(), (rewards.std(dim=1) == 0).sum().item(),
+                         sum(len(c) for group in groups for c in group)], dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.all_reduce(sums)
+    reward_sum, n, all_equal, length_sum = sums.tolist()
+    return {'reward': reward_sum / n, 'all_equal_groups': all_equal * group_size / n, 'response_len': length_sum / n}
 
 
 def check_settings(world_size):
+    """Settings that cannot work, found before anything is read or written."""
     if group_size < 2:
         raise UsageError(f"group_size={group_size}: GRPO needs at least 2 completions per prompt "
                          f"(each is compared with its group's mean)")
@@ -313,12 +317,9 @@ def check_settings(world_size):
                          f"run `python sft.py --dataset=arithmetic` first)")
 
 
-def main(rank, world_size, device):
-    master = rank == 0
-    t_start = time.time()
-    check_settings(world_size)
-
-    # ---- the starting weights: the reference model's, and the policy's unless resuming
+def read_start(rank, world_size):
+    """The starting model (the reference's weights, and the policy's unless resuming) and its tokenizer.
+    -> (ModelArgs, init state dict, Tokenizer, the checkpoint to resume from or None)."""
     resume_path = find_checkpoint(resume, out_dir)
     args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
     if resume_path and checkpoint_meta(resume_path)['model_args'] != asdict(args):
@@ -331,6 +332,14 @@ def main(rank, world_size, device):
         raise UsageError(f"tokenizer {tokenizer.spec} has no EOS token, which ends every completion")
     if block_size > args.max_seq_len:
         raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
+    return args, init_state, tokenizer, resume_path
+
+
+def main(rank, world_size, device):
+    master = rank == 0
+    t_start = time.time()
+    check_settings(world_size)
+    args, init_state, tokenizer, resume_path = read_start(rank, world_size)
 
     # ---- the problems, in full, before anything is built or written
     prompts, too_long = load_prompts(dataset, tokenizer, block_size - max_new_tokens)
@@ -390,11 +399,8 @@ def main(rank, world_size, device):
         rollout_seconds = time.perf_counter() - t0
         # 4. loss: clipped surrogate + kl_coef * k3, per response token (grpo_loss); ppo_epochs x mini_batches steps
         stats = update(policy, optimizer, minis, loss_fn, step_lr)
-        reward_sum, n, all_equal, length_sum = sum_over_ranks(
-            [rewards.sum().item(), rewards.numel(), (rewards.std(dim=1) == 0).sum().item(),
-             sum(len(c) for group in groups for c in group)], device)
-        stats.update(reward=reward_sum / n, all_equal_groups=all_equal * group_size / n, response_len=length_sum / n,
-                     rollout_s=rollout_seconds, seconds=stats['seconds'] + rollout_seconds)
+        stats.update(rollout_stats(rewards, groups, device), rollout_s=rollout_seconds,
+                     seconds=stats['seconds'] + rollout_seconds)
         run.end_step(stats, step_lr)
 
     if heldout:
