@@ -318,3 +318,12 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, sums_model, 
         assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
     assert tree_digest(finished) == before
     assert not (tmp_path / 'new').exists()
+
+
+def test_deepscaler_config_parses():
+    """config/grpo_deepscaler.py sets only grpo.py's settings, with their types (it needs GPUs and the hub to run)."""
+    from configurator import apply_overrides
+    settings = {k: getattr(grpo, k) for k in grpo.config_keys}
+    apply_overrides(settings, grpo.config_keys, ['config/grpo_deepscaler.py'])
+    assert (settings['prompts_per_step'], settings['group_size'], settings['lr'], settings['kl_coef']) == (128, 8, 1e-6, 0.001)
+    assert settings['prompts_per_step'] % (settings['mini_batches'] * 8) == 0  # fits torchrun --nproc_per_node=8
