@@ -3,7 +3,7 @@ Reinforcement learning with a verifiable reward: GRPO (Group Relative Policy Opt
 DeepSeekMath; DeepSeek-R1), the stage that turns Moxin-7B-Instruct, fine-tuned on chain-of-thought
 data, into Moxin-7B-Reasoning with DeepScaleR's recipe.
 
-    python grpo.py                                           # the demo: out/sft/final.pt on arithmetic word problems
+    python grpo.py                                           # the demo: out/sft_arithmetic/final.pt on arithmetic problems
     python grpo.py --dataset=problems.jsonl --init_from=path/to/hf_model
     torchrun --nproc_per_node=8 grpo.py config/grpo_deepscaler.py    # Moxin-7B-Reasoning, FSDP2
 
@@ -58,7 +58,7 @@ from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_m
                      launch, lr_at, read_init_weights, train_step)
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
-init_from = 'out/sft/final.pt'  # the model to train (and the frozen reference): `python sft.py --dataset=arithmetic`
+init_from = 'out/sft_arithmetic/final.pt'  # the policy's start and the frozen reference (sft.py --dataset=arithmetic)
 dataset = 'arithmetic'          # 'arithmetic', a .jsonl file, or a Hugging Face dataset of {problem, answer} rows
 eval_dataset = 'arithmetic:heldout'  # answered greedily before and after training; '' = none
 eval_limit = 200                # problems of eval_dataset to answer
@@ -314,7 +314,7 @@ def check_settings(world_size):
         raise UsageError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={block_size}")
     if not os.path.exists(init_from):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo trains the arithmetic model: "
-                         f"run `python sft.py --dataset=arithmetic` first)")
+                         f"run `python sft.py --dataset=arithmetic --out_dir=out/sft_arithmetic` first)")
 
 
 def read_start(rank, world_size):

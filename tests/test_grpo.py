@@ -29,7 +29,7 @@ LONG = ('What is ' + ' + '.join(['1'] * 30) + '?', '30')  # longer than block_si
 # one micro-batch = one group, so 2 ranks see the very same micro-batches (and padded tokens) as 1 process
 ARGS = ['--block_size=64', '--max_new_tokens=8', '--prompts_per_step=4', '--group_size=4', '--micro_batch_size=4',
         '--ppo_epochs=2', '--mini_batches=2', '--lr=3e-3', '--kl_coef=0.05', '--max_steps=6', '--ckpt_interval=3',
-        '--log_interval=1', '--eval_limit=16', '--seed=5']
+        '--log_interval=1', '--eval_limit=8', '--seed=5']
 LOGGED = ('reward', 'all_equal_groups', 'response_len', 'loss', 'kl', 'clip_frac', 'grad_norm', 'lr', 'tokens')
 
 
@@ -308,7 +308,7 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, sums_model, 
             [sys.executable, 'grpo.py', f'--init_from={sums_model}', f'--dataset={data}', '--eval_dataset=', *ARGS,
              f'--out_dir={finished}', *extra], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs["init_from=out/none.pt: no such file or directory (the demo trains the arithmetic model: run "
-          "`python sft.py --dataset=arithmetic` first)"] = subprocess.Popen(
+          "`python sft.py --dataset=arithmetic --out_dir=out/sft_arithmetic` first)"] = subprocess.Popen(
         [sys.executable, 'grpo.py', '--init_from=out/none.pt', f'--out_dir={tmp_path / "new"}'],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for expected, p in procs.items():
