@@ -7,7 +7,8 @@ A stage script defines its settings as module globals, then calls
 `configure(globals(), keys)`. Each positional argument is a config file that is
 executed over those globals; each `--key=value` then overrides one of them. A
 value is parsed as a Python literal (so `--lr=3e-4`, `--betas=(0.9,0.95)`,
-`--flag=False`) and kept as a plain string when it is not one (`--out_dir=out/run1`).
+`--flag=False`, and `dict(name='web', weight=1)` as config files write dicts) and kept as a
+plain string when it is not one (`--out_dir=out/run1`).
 `--key value` works too, and a bare `--flag` sets a boolean to True.
 
 Mistakes end the run with one line saying what is wrong, before anything is
@@ -48,10 +49,23 @@ def _coerce(key, value, default):
     return value
 
 
+class _DictCalls(ast.NodeTransformer):
+    """dict(name='web', weight=1) -> {'name': 'web', 'weight': 1}: config files write dicts that way."""
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args \
+                and all(kw.arg for kw in node.keywords):
+            return ast.Dict(keys=[ast.Constant(kw.arg) for kw in node.keywords],
+                            values=[kw.value for kw in node.keywords])
+        return node
+
+
 def _parse_value(text):
+    """A Python literal (dict(k=v) calls included), or the text itself when it is none."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        return ast.literal_eval(_DictCalls().visit(ast.parse(text.strip(), mode="eval")))
+    except (ValueError, SyntaxError, TypeError):
         return text  # a bare word or a path
 
 

@@ -144,9 +144,10 @@ def _read_hf(kwargs, data_dirs, field):
     import datasets
     kwargs = {'split': 'train', **kwargs, 'streaming': True}
     try:
-        if data_dirs:  # e.g. the-stack-dedup's per-language folders, interleaved so each language shows up early
+        if data_dirs:  # e.g. the-stack-dedup's per-language folders, interleaved so each language shows up
+            # early; each document once: 'all_exhausted' would repeat the small ones until the largest ends
             ds = datasets.interleave_datasets([datasets.load_dataset(**kwargs, data_dir=d) for d in data_dirs],
-                                              stopping_strategy='all_exhausted')
+                                              stopping_strategy='all_exhausted_without_replacement')
         else:
             ds = datasets.load_dataset(**kwargs)
     except Exception as e:  # offline, gated, misspelt: the library's messages run to many lines
@@ -361,6 +362,58 @@ def _save_atomic(path, write):
     os.replace(path + '.tmp', path)  # a reader sees the old file or the whole new one, never half
 
 
+class ShardWriter:
+    """The shards of one build and the progress that led to them. Documents are appended to a
+    buffer; a full buffer becomes the next shard (val first, `val_tokens` of it, then train shards of
+    about `shard_tokens`), and after each shard the progress (documents read per source, tokens per
+    shard, the cleaning counts and the dedup tables) is saved, so a stopped build resumes after its
+    last finished shard."""
+
+    def __init__(self, out, cfg, settings, dedup):
+        self.out, self.dedup = out, dedup
+        self.val_tokens, self.shard_tokens = cfg['val_tokens'], cfg['shard_tokens']
+        self.state_path = os.path.join(out, 'state.npz')
+        names = [s['name'] for s in cfg['sources']]
+        self.progress = dict(settings=settings, consumed=[0] * len(names), shards={'train': [], 'val': []},
+                             tokens={n: {'train': 0, 'val': 0} for n in names},
+                             cleaning={n: {step: [0, 0] for step in STEPS} for n in names})  # [documents, bytes]
+        if os.path.exists(self.state_path):
+            with np.load(self.state_path) as saved:
+                self.progress = json.loads(str(saved['progress']))
+                if self.progress['settings'] != settings:
+                    raise ValueError(f"{out} holds a partial build with other settings; choose another out_dir or delete it")
+                dedup.load_arrays(saved)
+            print(f"resuming {out} after shards {self.progress['shards']}")
+        self.split = 'val' if self.val_tokens and not self.progress['shards']['val'] else 'train'
+        self.buffer, self.buffer_tokens = [], 0
+
+    def source_tokens(self, name):
+        return sum(self.progress['tokens'][name].values())
+
+    def count(self, name, step, nbytes):
+        """One document read from source `name`, and what cleaning made of it (a STEPS name)."""
+        self.progress['cleaning'][name][step][0] += 1
+        self.progress['cleaning'][name][step][1] += nbytes
+
+    def add(self, name, ids):
+        self.buffer.append(ids)
+        self.buffer_tokens += len(ids)
+        self.progress['tokens'][name][self.split] += len(ids)
+        if self.buffer_tokens >= (self.val_tokens if self.split == 'val' else self.shard_tokens):
+            self.close_shard()
+            self.split = 'train'
+
+    def close_shard(self):
+        if not self.buffer:
+            return
+        shards = self.progress['shards'][self.split]
+        _save_atomic(os.path.join(self.out, f"{self.split}_{len(shards):04d}.bin"), np.concatenate(self.buffer).tofile)
+        shards.append(self.buffer_tokens)
+        # the state goes after the shard: a kill in between only means redoing that shard
+        _save_atomic(self.state_path, lambda f: np.savez(f, progress=json.dumps(self.progress), **self.dedup.arrays()))
+        self.buffer, self.buffer_tokens = [], 0
+
+
 def build(cfg):
     """Stream the configured sources through cleaning, dedup and the mixture into token shards."""
     out, settings = cfg['out_dir'], _settings(cfg)
@@ -370,8 +423,7 @@ def build(cfg):
     tok = Tokenizer.load(cfg['tokenizer'])
     if tok.eos_id is None:
         raise ValueError(f"tokenizer {tok.spec} has no EOS token to end documents with")
-    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
-    meta_path, state_path = os.path.join(out, 'meta.json'), os.path.join(out, 'state.npz')
+    meta_path = os.path.join(out, 'meta.json')
     if os.path.exists(meta_path):
         meta = json.load(open(meta_path))
         if meta.get('settings') != settings:
@@ -380,40 +432,15 @@ def build(cfg):
         return meta
     os.makedirs(out, exist_ok=True)
 
-    names = [s['name'] for s in cfg['sources']]
+    names, weights = [s['name'] for s in cfg['sources']], [s['weight'] for s in cfg['sources']]
     bands = (cfg['minhash_bands'] or lsh_bands(cfg['dedup_threshold'], cfg['minhash_perms'])) if cfg['dedup'] else 0
     dedup = Dedup(bands)
-    progress = dict(settings=settings, consumed=[0] * len(names), shards={'train': [], 'val': []},
-                    tokens={n: {'train': 0, 'val': 0} for n in names},
-                    cleaning={n: {step: [0, 0] for step in STEPS} for n in names})  # [documents, bytes]
-    if os.path.exists(state_path):  # resume after the last finished shard
-        with np.load(state_path) as saved:
-            progress = json.loads(str(saved['progress']))
-            if progress['settings'] != settings:
-                raise ValueError(f"{out} holds a partial build with other settings; choose another out_dir or delete it")
-            dedup.load_arrays(saved)
-        print(f"resuming {out} after shards {progress['shards']}")
-
-    def source_tokens(i):
-        return sum(progress['tokens'][names[i]].values())
-
-    split = 'val' if cfg['val_tokens'] and not progress['shards']['val'] else 'train'
-    buffer, buffer_tokens = [], 0
+    shards = ShardWriter(out, cfg, settings, dedup)
+    progress = shards.progress
     t0, docs_seen, tokens_seen = time.time(), 0, 0
-
-    def close_shard():
-        nonlocal buffer, buffer_tokens
-        path = os.path.join(out, f"{split}_{len(progress['shards'][split]):04d}.bin")
-        _save_atomic(path, np.concatenate(buffer).tofile)
-        progress['shards'][split].append(buffer_tokens)
-        # the state goes after the shard: a kill in between only means redoing that shard
-        _save_atomic(state_path, lambda f: np.savez(f, progress=json.dumps(progress), **dedup.arrays()))
-        buffer, buffer_tokens = [], 0
-
     worker_settings = dict(tokenizer=cfg['tokenizer'], min_chars=cfg['min_chars'], num_perm=cfg['minhash_perms'], bands=bands)
     active = list(range(len(names)))
-    weights = [src['weight'] for src in cfg['sources']]
-    total = sum(map(source_tokens, active))
+    total = sum(shards.source_tokens(n) for n in names)
     with multiprocessing.Pool(max(1, cfg['workers']), _init_worker, (worker_settings,)) as pool, \
             tqdm(total=cfg['max_tokens'] or None, initial=total, unit='tok', unit_scale=True, dynamic_ncols=True) as bar:
         # a resumed run re-reads (but does not prepare) the documents that went into finished shards
@@ -421,7 +448,7 @@ def build(cfg):
                    for make, skip in zip(opened, progress['consumed'])]
         while active and not (cfg['max_tokens'] and total >= cfg['max_tokens']):
             # mixture by tokens: the source furthest below its share gives the next document
-            i = min(active, key=lambda i: (source_tokens(i) / weights[i], i))
+            i = min(active, key=lambda i: (shards.source_tokens(names[i]) / weights[i], i))
             doc = next(streams[i], None)
             if doc is None:  # a source that runs out leaves the mixture; the others go on
                 active.remove(i)
@@ -429,39 +456,27 @@ def build(cfg):
             progress['consumed'][i] += 1
             docs_seen += 1
             nbytes, prepared = doc
-            if prepared is None:
-                step = 'short'
-            else:
-                step = (dedup.check(*prepared[:2]) if cfg['dedup'] else None) or 'kept'
-            progress['cleaning'][names[i]][step][0] += 1
-            progress['cleaning'][names[i]][step][1] += nbytes
-            if step != 'kept':
-                continue
-            ids = prepared[2]
-            buffer.append(ids)
-            buffer_tokens += len(ids)
-            progress['tokens'][names[i]][split] += len(ids)
-            total += len(ids)
-            tokens_seen += len(ids)
-            bar.update(len(ids))
-            if buffer_tokens >= (cfg['val_tokens'] if split == 'val' else cfg['shard_tokens']):
-                close_shard()
-                split = 'train'
-    if buffer:
-        close_shard()
-    seconds = time.time() - t0
+            step = 'short' if prepared is None else (dedup.check(*prepared[:2]) if cfg['dedup'] else None) or 'kept'
+            shards.count(names[i], step, nbytes)
+            if step == 'kept':
+                shards.add(names[i], prepared[2])
+                total += len(prepared[2])
+                tokens_seen += len(prepared[2])
+                bar.update(len(prepared[2]))
+    shards.close_shard()
     train_tokens = sum(progress['shards']['train'])
     if not train_tokens:
         kept = sum(c['kept'][0] for c in progress['cleaning'].values())
         raise ValueError(f"no training data: {kept} documents kept after cleaning, "
                          f"{sum(progress['shards']['val'])} tokens of them went to val (val_tokens={cfg['val_tokens']})")
+    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
     meta = dict(tokenizer=tok.spec, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
                 dtype=np.dtype(dtype).name, shards=progress['shards'],
                 split_tokens={s: sum(n) for s, n in progress['shards'].items()},
                 tokens=progress['tokens'], cleaning=progress['cleaning'], settings=settings)
     _save_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    os.remove(state_path)
-    _report(meta, docs_seen, tokens_seen, seconds)
+    os.remove(shards.state_path)
+    _report(meta, docs_seen, tokens_seen, time.time() - t0)
     return meta
 
 

@@ -36,8 +36,9 @@ class PackedLoader:
         paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_[0-9][0-9][0-9][0-9].bin')))
         if not paths:
             raise ValueError(f"{data_dir} has no {split}_NNNN.bin shards")
-        self.shards = [np.memmap(p, dtype=meta['dtype'], mode='r') for p in paths]
-        self.windows = np.array([(len(s) - 1) // block_size for s in self.shards])
+        # no file stays open: data/moxin has ~6,000 shards, more than a usual `ulimit -n` allows
+        self.paths, self.dtype = paths, np.dtype(meta['dtype'])
+        self.windows = np.array([(os.path.getsize(p) // self.dtype.itemsize - 1) // block_size for p in paths])
         self.block_size, self.batch_size, self.rank, self.world_size, self.seed = block_size, batch_size, rank, world_size, seed
         self.steps_per_epoch = int(self.windows.sum()) // (batch_size * world_size)
         if self.steps_per_epoch == 0:
@@ -49,7 +50,7 @@ class PackedLoader:
     def _window(self, position):
         """The (shard, first token) of the position-th window of this epoch's sequence."""
         if self._cached_epoch != self.epoch:
-            self._shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+            self._shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths))
             self._ends = np.cumsum(self.windows[self._shard_order])
             self._cached_epoch, self._cached_shard = self.epoch, None
         j = int(np.searchsorted(self._ends, position, side='right'))
@@ -66,7 +67,7 @@ class PackedLoader:
         rows = []
         for b in range(self.batch_size):
             shard, start = self._window(first + b * self.world_size + self.rank)
-            rows.append(self.shards[shard][start:start + self.block_size + 1])
+            rows.append(np.fromfile(self.paths[shard], self.dtype, self.block_size + 1, offset=start * self.dtype.itemsize))
         self.step += 1
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         return batch[:, :-1], batch[:, 1:]

@@ -21,23 +21,28 @@ import os
 import time
 from dataclasses import asdict
 
+import dryrun
 from configurator import settings
 from dataloader import PackedLoader
 from model import ModelArgs, model_args
 from tokenizer import Tokenizer
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, evaluate,
-                     find_checkpoint, launch, lm_loss, lr_at, read_init_weights, train_step)
+                     find_checkpoint, grad_accum_for, launch, lm_loss, lr_at, read_init_weights, train_step)
+from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= config/demo.py)
 # data and model
 data_dir = 'data/pydoc'       # token shards written by `python data.py` (its default out_dir)
 preset = 'demo'               # model.PRESETS name, used when starting from scratch
 model_overrides = {}          # ModelArgs fields to change in the preset, e.g. {'n_layers': 2}
-init_from = ''                # '' = random init; or a .pt checkpoint / HF model dir to continue from
+init_from = ''                # '' = random init; or a .pt checkpoint / HF model dir / HF hub id to continue from
 # batch: one optimizer step sees batch_size * grad_accum * world_size sequences of block_size tokens
 block_size = 256
 batch_size = 8                # sequences per micro-batch per rank
 grad_accum = 1                # micro-batches per optimizer step
+global_batch_size = 0         # sequences per optimizer step over all ranks: when set, grad_accum is derived
+                              # from it (= global_batch_size / (batch_size * world_size)), so a recipe's
+                              # batch holds on any number of GPUs
 # optimizer and schedule
 lr = 2e-3                     # peak learning rate
 min_lr_ratio = 0.1            # cosine ends at min_lr_ratio * lr
@@ -60,10 +65,19 @@ log_interval = 10
 eval_interval = 50            # steps between validation losses (0 = only at the end)
 eval_batches = 4              # micro-batches per validation loss
 export_hf = False             # also write {out_dir}/hf, an HF MistralForCausalLM directory
+# dry run (dryrun.py): simulate this config on GPUs, here on the CPU; reads no data, writes nothing
+dry_run = False
+dry_run_gpus = 8              # GPUs to simulate
+gpu_memory_gb = 80.0          # memory per GPU, GiB
+gpu = 'H100'                  # whose datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) the time is computed for
+mfu = 0.4                     # the model FLOPs utilisation assumed for time and GPU-hours
 config_keys = settings(globals())
 
 
 def main(rank, world_size, device):
+    if dry_run:  # the model shape of `preset`: phases 2-3 continue phase 1's
+        return dryrun.dry_run(dryrun.preset_args(preset, model_overrides), {k: globals()[k] for k in config_keys},
+                              max_steps)
     master = rank == 0
     t_start = time.time()
 
@@ -76,9 +90,22 @@ def main(rank, world_size, device):
     tokenizer = Tokenizer.load(data_meta['tokenizer'])
     if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
         raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
-    if init_from and not os.path.exists(init_from):
+    if init_from and not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory")
     resume_path = find_checkpoint(resume, out_dir)
+    accum = grad_accum_for(global_batch_size, batch_size, world_size) if global_batch_size else grad_accum
+    try:
+        train_loader = PackedLoader(data_dir, 'train', block_size, batch_size, rank, world_size, seed)
+        val_loader = None
+        if eval_batches > 0 and glob.glob(os.path.join(data_dir, 'val_*.bin')):
+            val_loader = PackedLoader(data_dir, 'val', block_size, batch_size, rank, world_size, seed)
+    except ValueError as e:  # e.g. too little data for one batch on every rank
+        raise UsageError(str(e)) from None
+    if val_loader and val_loader.steps_per_epoch < eval_batches:  # each rank validates on windows of its own
+        raise UsageError(f"{data_dir} val: {val_loader.windows.sum()} windows of {block_size + 1} tokens, "
+                         f"eval_batches={eval_batches} x batch_size={batch_size} x {world_size} ranks needs "
+                         f"{eval_batches * batch_size * world_size}: lower eval_batches, or build the data with "
+                         f"val_tokens >= {eval_batches * batch_size * world_size * block_size + 1}")
 
     # ---- the model's shape and starting weights: own checkpoint (resume) > init_from > random
     init_state = None
@@ -95,30 +122,29 @@ def main(rank, world_size, device):
         raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
     if data_meta['vocab_size'] > args.vocab_size:
         raise UsageError(f"the shards' tokenizer has {data_meta['vocab_size']} tokens, the model only {args.vocab_size}")
-    try:
-        train_loader = PackedLoader(data_dir, 'train', block_size, batch_size, rank, world_size, seed)
-    except ValueError as e:  # e.g. too little data for one batch
-        raise UsageError(str(e)) from None
+
+    config = {k: globals()[k] for k in config_keys}
+    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
+              log_interval, ckpt_interval, keep_last)
 
     # ---- model, optimizer, and where the run stands
     model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
     del init_state
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
-    config = {k: globals()[k] for k in config_keys}
-    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
-              log_interval, ckpt_interval, keep_last)
     if master:
         origin = f"resumed from {resume_path}" if resume_path else f"init from {init_from}" if init_from else "random init"
-        tokens_per_step = batch_size * grad_accum * world_size * block_size
+        tokens_per_step = batch_size * accum * world_size * block_size
         print(describe_model(model, origin, world_size, device))
-        print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
-              f"{batch_size * grad_accum * world_size} sequences x {block_size} = {tokens_per_step:,} tokens/step; "
+        print(f"global batch: {batch_size} x {accum} accum x {world_size} ranks = "
+              f"{batch_size * accum * world_size} sequences x {block_size} = {tokens_per_step:,} tokens/step; "
               f"{max_steps} steps = {max_steps * tokens_per_step:,} tokens")
     run.start(model, optimizer, train_loader, resume_path, max_steps, 'pretrain')
 
-    def validate():
-        if eval_batches > 0 and glob.glob(os.path.join(data_dir, 'val_*.bin')):
-            val_loader = PackedLoader(data_dir, 'val', block_size, batch_size, rank, world_size, seed)
+    val_windows = val_loader.state_dict() if val_loader else None
+
+    def validate():  # on the same windows every time
+        if val_loader:
+            val_loader.load_state_dict(val_windows)
             val_loss = evaluate(model, val_loader, eval_batches, device)
             run.log({'step': run.step, 'val_loss': val_loss}, f"step {run.step}: val loss {val_loss:.4f}")
 
@@ -127,7 +153,7 @@ def main(rank, world_size, device):
         if eval_interval and run.step % eval_interval == 0:
             validate()
         step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio)
-        batches = [train_loader.next_batch() for _ in range(grad_accum)]
+        batches = [train_loader.next_batch() for _ in range(accum)]
         run.end_step(train_step(model, optimizer, batches, lm_loss, step_lr, grad_clip), step_lr)
 
     validate()

@@ -19,7 +19,7 @@ from tokenizer import Tokenizer, encode_chat
 from weights import ModelLoadError, load_model
 
 # ---------------------------------------------------------------- settings
-ckpt = "out/final.pt"  # a .pt file written by pretrain.py / sft.py, or an HF model directory
+ckpt = "out/final.pt"  # a .pt file written by pretrain.py / sft.py, an HF model directory, or an HF hub id
 prompt = ""  # text, or FILE:path to read it from a file; "" starts from BOS alone
 max_new_tokens = 200
 temperature = 0.8  # 0 = greedy

@@ -36,21 +36,25 @@ import os
 import time
 from dataclasses import asdict
 
+import dryrun
 from chats import describe_skipped, load_conversations
 from configurator import settings
 from dataloader import ChatLoader
 from model import ModelArgs
 from tokenizer import Tokenizer
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
-                     launch, lm_loss, lr_at, read_init_weights, train_step)
+                     grad_accum_for, launch, lm_loss, lr_at, read_init_weights, train_step)
+from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
-init_from = 'out/final.pt'     # the model to fine-tune: a .pt checkpoint of this project or an HF model dir
+init_from = 'out/final.pt'     # the model to fine-tune: a .pt checkpoint of this project, an HF model dir or hub id
 dataset = 'pydoc'              # 'pydoc', a .jsonl file, or a Hugging Face dataset name (see above)
 block_size = 256               # tokens per conversation; longer ones are cut (their tail is not trained on)
 # batch: one optimizer step sees batch_size * grad_accum * world_size conversations
 batch_size = 8                 # conversations per micro-batch per rank
 grad_accum = 2
+global_batch_size = 0          # conversations per optimizer step over all ranks: when set, grad_accum is
+                               # derived from it (= global_batch_size / (batch_size * world_size))
 loss_reduction = 'mean'        # 'mean': each micro-batch's mean over its trained tokens weighs the same;
                                # 'sum': every trained token of the step weighs the same (open-instruct's
                                # --reduce_loss sum), normalised by the step's trained tokens over all ranks
@@ -74,6 +78,14 @@ keep_last = 2
 log_interval = 10
 export_hf = False              # also write {out_dir}/hf, an HF MistralForCausalLM directory
 workers = 1                    # processes (per rank) that tokenize the data; the Tulu mixtures want many
+# dry run (dryrun.py): simulate this config on GPUs, here on the CPU; reads no weights or data, writes nothing
+dry_run = False
+dry_run_gpus = 8               # GPUs to simulate
+gpu_memory_gb = 80.0           # memory per GPU, GiB
+gpu = 'H100'                   # whose datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) the time is computed for
+mfu = 0.4                      # the model FLOPs utilisation assumed for time and GPU-hours
+preset = 'demo'                # the model shape it simulates: init_from's (model.PRESETS)
+dataset_conversations = 0      # how many the dataset has, for the whole run's time (0: per step only)
 config_keys = settings(globals())
 
 
@@ -84,16 +96,22 @@ def batch_mean_lm_loss(model, batch):
 
 
 def main(rank, world_size, device):
+    if dry_run:  # every conversation at block_size: the most memory and time a step can take
+        def steps(gpus):  # as ChatLoader and max_steps below count them
+            accum = grad_accum_for(global_batch_size, batch_size, gpus, 'conversations') if global_batch_size else grad_accum
+            return math.ceil(epochs * (dataset_conversations // (batch_size * gpus)) / accum)
+        return dryrun.dry_run(dryrun.preset_args(preset, {}), {k: globals()[k] for k in config_keys}, steps)
     master = rank == 0
     t_start = time.time()
 
     # ---- the model's shape and tokenizer: from our own checkpoint when resuming, else from init_from
     resume_path = find_checkpoint(resume, out_dir)
+    accum = grad_accum_for(global_batch_size, batch_size, world_size, 'conversations') if global_batch_size else grad_accum
     init_state = None
     if resume_path:
         saved = checkpoint_meta(resume_path)
         args, tokenizer_spec = ModelArgs(**saved['model_args']), saved['tokenizer']
-    elif not os.path.exists(init_from):
+    elif not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo fine-tunes the demo "
                          f"model: run `python pretrain.py` first)")
     else:
@@ -120,30 +138,31 @@ def main(rank, world_size, device):
     if loss_reduction not in ('mean', 'sum'):
         raise UsageError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
     loss_fn = lm_loss if loss_reduction == 'sum' else batch_mean_lm_loss
-    max_steps = math.ceil(epochs * loader.steps_per_epoch / grad_accum)
+    max_steps = math.ceil(epochs * loader.steps_per_epoch / accum)
     warmup_steps = int(warmup_ratio * max_steps)  # as open-instruct rounds it
+
+    config = {k: globals()[k] for k in config_keys}
+    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
+              log_interval, ckpt_interval, keep_last)
 
     # ---- model, optimizer, and where the run stands
     model = build_model(args, device, seed, init_state, compile, activation_checkpointing)
     del init_state
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
-    config = {k: globals()[k] for k in config_keys}
-    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
-              log_interval, ckpt_interval, keep_last)
     if master:
         print(describe_model(model, f"resumed from {resume_path}" if resume_path else f"init from {init_from}",
                              world_size, device))
         print(f"data: {dataset}: {loader.conversations:,} conversations, {len(ids):,} tokens, "
               f"{mask.sum() / len(ids):.0%} of them trained on; {describe_skipped(skipped)}")
-        print(f"global batch: {batch_size} x {grad_accum} accum x {world_size} ranks = "
-              f"{batch_size * grad_accum * world_size} conversations; {epochs} epochs = {max_steps} steps, "
+        print(f"global batch: {batch_size} x {accum} accum x {world_size} ranks = "
+              f"{batch_size * accum * world_size} conversations; {epochs} epochs = {max_steps} steps, "
               f"{warmup_steps} of warmup, then linear decay to 0")
     run.start(model, optimizer, loader, resume_path, max_steps, 'sft')
 
     # ---- the loop
     while run.step < max_steps:
         step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio=0.0, decay='linear')
-        batches = [loader.next_batch() for _ in range(grad_accum)]
+        batches = [loader.next_batch() for _ in range(accum)]
         run.end_step(train_step(model, optimizer, batches, loss_fn, step_lr, grad_clip), step_lr)
 
     run.finish(tokenizer, with_hf=export_hf)

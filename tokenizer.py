@@ -110,25 +110,85 @@ class Tokenizer:
         return self.impl.decode(ids)
 
     def save_hf(self, out_dir):
-        """Write this tokenizer's files into an HF model directory (model.export_hf writes the weights)."""
+        """Write this tokenizer's files into an HF model directory (weights.export_hf writes the
+        weights): tokenizer.json and a tokenizer_config.json with Moxin's chat template, so that
+        transformers (and vLLM, lm-evaluation-harness, ...) give the ids this model trained on.
+        A SentencePiece model is also copied as tokenizer.model (llama.cpp's converter reads it)."""
         if self.kind == 'tiktoken':
             raise ValueError(f"tokenizer {self.spec}: a tiktoken encoding has no HF tokenizer file to export")
         os.makedirs(out_dir, exist_ok=True)
+        config = {}
         if self.kind == 'hf':
             shutil.copy(self.path, os.path.join(out_dir, 'tokenizer.json'))
-            config = os.path.join(os.path.dirname(self.path), 'tokenizer_config.json')
-            if os.path.isfile(config):
-                shutil.copy(config, os.path.join(out_dir, 'tokenizer_config.json'))
-            return
-        shutil.copy(self.path, os.path.join(out_dir, 'tokenizer.model'))
-        # transformers reads a SentencePiece model through LlamaTokenizer, which adds BOS as Mistral's does
-        config = dict(tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False, legacy=True,
-                      bos_token='<s>', eos_token='</s>', unk_token='<unk>')
+            config_path = os.path.join(os.path.dirname(self.path), 'tokenizer_config.json')
+            config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+        else:
+            shutil.copy(self.path, os.path.join(out_dir, 'tokenizer.model'))
+            sentencepiece_as_tokenizers(self.impl).save(os.path.join(out_dir, 'tokenizer.json'))
+            # PreTrainedTokenizerFast keeps tokenizer.json as it is; LlamaTokenizer would rebuild
+            # its own pipeline, which splits runs of spaces unlike SentencePiece
+            config = dict(tokenizer_class='PreTrainedTokenizerFast', bos_token='<s>', eos_token='</s>',
+                          unk_token='<unk>', add_bos_token=True, add_eos_token=False)
+        config['chat_template'] = CHAT_TEMPLATE
         with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
             json.dump(config, f, indent=2)
 
     def __repr__(self):
         return f"Tokenizer({self.spec!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+
+
+def sentencepiece_as_tokenizers(sp):
+    """A `tokenizers` Tokenizer that splits text exactly as SentencePiece BPE model `sp` does, the
+    way transformers' legacy Llama conversion did: the dummy-prefix "▁" and spaces as "▁" in the
+    normalizer (SentencePiece's identity normalization, with add_dummy_prefix), no pre-tokenizer,
+    so runs of spaces merge as they do in SentencePiece; merges ranked by the merged piece's score;
+    byte fallback for characters outside the vocabulary. Checked on probe strings before use."""
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    n = sp.vocab_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    normal = {i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
+    merges = []
+    for i in normal:
+        piece = sp.id_to_piece(i)
+        for k in range(1, len(piece)):
+            left, right = vocab.get(piece[:k]), vocab.get(piece[k:])
+            if left in normal and right in normal:
+                merges.append((-sp.get_score(i), i, left, (piece[:k], piece[k:])))
+    merges = [pair for *_, pair in sorted(merges)]
+    unk = sp.id_to_piece(sp.unk_id())
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend('▁'), normalizers.Replace(' ', '▁')])
+    tok.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(' ', 1, 0)])
+    tok.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                            for i in range(n) if sp.is_control(i) or sp.is_unknown(i)])
+    if sp.bos_id() >= 0:  # transformers' add_special_tokens=True adds BOS, as Mistral does
+        bos = sp.id_to_piece(sp.bos_id())
+        tok.post_processor = processors.TemplateProcessing(single=f'{bos} $A', pair=f'{bos} $A {bos} $B',
+                                                           special_tokens=[(bos, sp.bos_id())])
+    tok.encode_special_tokens = True  # only for the check: SentencePiece reads "</s>" in text as text
+    for probe in ('Hello world', ' a  b\t\tc\n\n   d', 'def f(x):\n    return x  ', 'café 日本語 🤖 \u200b', '2024: 3.14!'):
+        if tok.encode(probe, add_special_tokens=False).ids != sp.encode(probe):
+            raise ValueError(f"this SentencePiece model does not split {probe!r} as its tokenizers conversion "
+                             f"does: it cannot be exported as tokenizer.json")
+    tok.encode_special_tokens = False  # transformers' default: the chat template's </s> is EOS
+    return tok
+
+
+# Moxin's (Tulu's) chat template as transformers' apply_chat_template renders it: the text encode_chat
+# builds (an EOS closes each reply, then a newline), and "<|assistant|>\n" as the generation prompt.
+# Each piece between BOS/EOS is tokenized on its own with its dummy prefix, as encode_chat does.
+CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant, not ' + message['role']) }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token + '\\n' }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 # ----------------------------------------------------------------------------- chat format

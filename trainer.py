@@ -6,6 +6,7 @@ their own data and define their own loss; the rest is here, in the order a run u
                                      bad input (UsageError) -> one line on stderr, exit code 2
     read_init_weights, build_model   the starting weights; the model, sharded with FSDP2 under torchrun
     build_optimizer, lr_at           AdamW (decay on matrices only); warmup + cosine/linear decay
+    grad_accum_for                   the accumulation that makes a recipe's global batch on this many ranks
     train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip)
                                      one optimizer step over grad_accum micro-batches
     find_checkpoint, Run             out_dir: log.jsonl, resumable checkpoints, signals, final.pt
@@ -27,17 +28,17 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
-from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch._guards import active_fake_mode
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from configurator import configure
@@ -106,51 +107,65 @@ def read_init_weights(path, rank, world_size):
     return ModelArgs(**args), state, tokenizer_spec
 
 
-def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False):
+def fsdp_precision(device_type):
+    """FSDP2's precision on a device: on CUDA compute in bf16 (each block's weights are all-gathered
+    as bf16) while the weights, the gradient reduction and the optimizer stay fp32; CPU computes in
+    fp32 throughout (its bf16 matmuls are slow)."""
+    if device_type == 'cuda':
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False, fsdp=None):
     """
     Build the Transformer on the meta device (no memory), then materialise it.
     init_state: a full state dict to start from (on rank 0; other ranks pass {}), or None for random init.
 
-    Under torchrun each block, then the root, is wrapped with FSDP2's fully_shard: a block's
-    weights are all-gathered just before it runs and freed after, gradients are reduce-scattered.
-    On CUDA the shards are materialised directly, so a 7B model never exists whole on one GPU;
-    compute runs in bf16 while the weights, gradient reduction and optimizer stay in fp32.
-    On CPU (small models, tests) every rank first builds the whole model from the same seed and
-    then shards it, so the initial weights, and hence the losses, do not depend on world_size.
+    Each block is wrapped in order: activation checkpointing (a wrapper module that keeps only the
+    block's input and recomputes the rest during backward), then torch.compile with fullgraph=True
+    (a graph break is an error, not a silent fall back to eager), then, under torchrun, FSDP2's
+    fully_shard, then the root: a block's weights are all-gathered just before it runs and freed
+    after, gradients are reduce-scattered. The wrappers keep the state-dict keys unchanged.
+
+    On CUDA the shards are materialised directly, so a 7B model never exists whole on one GPU, and
+    initialised in place (DTensor's CUDA RNG offsets each shard's draws by its place in the full
+    tensor, so the ranks agree). On CPU (small models, tests) it cannot, so every rank first builds
+    the whole model from the same seed and then shards it: the initial weights, and the losses, do
+    not depend on world_size. Fake tensors (dryrun.py) have no values to keep equal: they take the
+    CUDA path.
+    fsdp: (device mesh, MixedPrecisionPolicy) to shard with; default: all ranks, fsdp_precision(device).
     """
     with torch.device('meta'):
         model = Transformer(args)
-    for block in model.layers:
+    for i, block in enumerate(model.layers):
         if activation_checkpointing:
-            # keep only each block's input; its activations are recomputed during backward
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+            # a module, not a patched forward: torch.utils.checkpoint called directly turns Dynamo off
+            # beneath it, so a compiled block would silently run eagerly
+            model.layers[i] = block = checkpoint_wrapper(block)
         if compile:
-            block.compile()
-
-    def materialise():
-        model.to_empty(device=device)
-        torch.manual_seed(seed)
-        model.init_weights()
+            block.compile(fullgraph=True)  # in place: no `_orig_mod.` in the parameter names
 
     sharded = dist.is_initialized()
-    if sharded and device.type == 'cuda':
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        materialise()
-    elif sharded:
-        materialise()
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    else:
-        materialise()
+    mesh, precision = fsdp or (None, fsdp_precision(device.type))
+    shard_first = sharded and (device.type != 'cpu' or active_fake_mode() is not None)
+    if shard_first:
+        _shard(model, mesh, precision)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    if sharded and not shard_first:
+        _shard(model, mesh, precision)
     if init_state is not None:
         # rank 0 holds the full weights; each rank receives just its shards
         set_model_state_dict(model, init_state, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=sharded))
     return model
+
+
+def _shard(model, mesh, precision):
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision)
 
 
 def autocast_context(device):
@@ -173,6 +188,16 @@ def build_optimizer(model, lr, weight_decay, betas, eps, device):
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == 'cuda')
+
+
+def grad_accum_for(global_batch, batch_size, world_size, unit='sequences'):
+    """Micro-batches per optimizer step that make a recipe's global batch on this many ranks:
+    global_batch = batch_size x grad_accum x world_size, or a UsageError saying what divides."""
+    per_pass = batch_size * world_size
+    if global_batch <= 0 or global_batch % per_pass:
+        raise UsageError(f"global_batch_size={global_batch} {unit} is not a multiple of batch_size={batch_size} x "
+                         f"{world_size} ranks = {per_pass}: change batch_size (or the number of ranks) so that it divides")
+    return global_batch // per_pass
 
 
 def lr_at(step, peak_lr, warmup_steps, max_steps, min_lr_ratio=0.1, decay='cosine'):
@@ -354,6 +379,9 @@ class Run:
     """
 
     def __init__(self, out_dir, meta, log_interval=10, ckpt_interval=100, keep_last=2):
+        if not (isinstance(keep_last, int) and keep_last >= 0):
+            raise UsageError(f"keep_last={keep_last!r}: the number of newest checkpoints to keep, "
+                             f"an integer >= 0 (0 keeps every checkpoint)")
         self.out_dir, self.meta = out_dir, meta
         self.log_interval, self.ckpt_interval, self.keep_last = log_interval, ckpt_interval, keep_last
         self.ckpt_root = os.path.join(out_dir, 'checkpoints')
@@ -450,7 +478,8 @@ class Run:
         Write checkpoints/step_{step}: model and optimizer (each rank writes only its own shards),
         per-rank state (RNG, data loader position) and, last, meta.json with everything else.
         A kill at any point leaves either no meta.json (ignored on resume) or a complete checkpoint.
-        Then delete all but the newest keep_last complete checkpoints, and leftovers of failed saves.
+        Then delete all but the newest keep_last complete checkpoints (keep_last=0: keep them all),
+        and leftovers of failed saves.
         """
         path = os.path.join(self.ckpt_root, f'step_{self.step:08d}')
         if self.master and os.path.exists(path):
@@ -461,15 +490,14 @@ class Run:
         rank_state = _rank_state({'loader': self.loader.state_dict()})
         dcp.save({'model': model_sd, 'optim': optim_sd, f'rank{self.rank}': rank_state},
                  checkpoint_id=path, no_dist=not dist.is_initialized())  # returns once every rank has written
-        if os.environ.get('PRETRAIN_TEST_HANG_IN_SAVE') == str(self.step):
-            time.sleep(3600)  # test hook: freeze between the shards and meta.json so a test can kill us here
         if self.master:
             _write_json_atomic(os.path.join(path, 'meta.json'), {**self.meta, 'world_size': self.world_size,
                                                                  'step': self.step, 'tokens': self.tokens})
             complete = sorted(d for d in os.listdir(self.ckpt_root)
                               if os.path.exists(os.path.join(self.ckpt_root, d, 'meta.json')))
+            kept = complete[-self.keep_last:] if self.keep_last else complete
             for d in os.listdir(self.ckpt_root):
-                if d not in complete[-self.keep_last:] and d < os.path.basename(path):
+                if d not in kept and d < os.path.basename(path):
                     shutil.rmtree(os.path.join(self.ckpt_root, d), ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()

@@ -9,6 +9,7 @@ format. model.py is the network; this file only maps names, shapes and layouts o
 """
 import json
 import os
+import re
 from dataclasses import asdict, fields
 
 import torch
@@ -64,7 +65,9 @@ def _build(args, state_dict, device, dtype, source):
 
 
 def _args_from_hf_config(cfg, source):
-    arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+    # transformers reads model_type when a config names no architectures, and so do we
+    arch = (cfg.get("architectures") or [{"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}.get(
+        cfg.get("model_type"), cfg.get("model_type", "?"))])[0]
     if arch not in ("MistralForCausalLM", "LlamaForCausalLM"):
         raise ModelLoadError(f"{source}: unsupported architecture {arch} (MistralForCausalLM or LlamaForCausalLM)")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -155,9 +158,36 @@ def _load_consolidated(path, device, dtype):
     return _build(args, state_dict, device, dtype, path), path
 
 
+# what a model repository on the hub needs to hold for load_model (and its tokenizer)
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+             "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def is_hub_id(name):
+    """Whether `name` means a model repository on the Hugging Face hub: 'owner/name' that is not
+    a local path. A name ending in .pt is always a local checkpoint file of this project."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not name.endswith(".pt") and not os.path.exists(name)
+
+
+def fetch_from_hub(repo_id):
+    """The local directory of a hub model: its snapshot in the hub cache (~/.cache/huggingface, or
+    HF_HUB_CACHE), downloaded first when it is not there (with progress bars). HF_HUB_OFFLINE=1
+    uses the cache only."""
+    from huggingface_hub import snapshot_download  # comes with datasets
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline and not cached, unknown or gated repository, no network
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{repo_id}: no such local path, and the Hugging Face hub could not provide it "
+                             f"({type(e).__name__}: {reason})") from None
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
-    """Load a checkpoint file of this project or an HF Mistral/Llama directory.
+    """Load a checkpoint file of this project, an HF Mistral/Llama directory, a Mistral
+    consolidated directory, or an HF hub id ('owner/name', fetched into the hub cache).
     Returns (model in eval mode, tokenizer spec for tokenizer.Tokenizer.load)."""
+    if is_hub_id(path):
+        path = fetch_from_hub(path)
     if not path or not os.path.exists(path):
         raise ModelLoadError(f"checkpoint not found: {path}")
     if os.path.isdir(path):

@@ -10,5 +10,8 @@ sources = [
          tasks=['arc_easy', 'arc_challenge', 'hellaswag', 'piqa', 'winogrande', 'mmlu']),
 ]
 min_chars = 0               # a benchmark question is short by nature; the 200-character rule is for web text
-val_tokens = 2**16
+# validation: moxin7b_phase3 reads eval_batches 1 x batch 2 x 64 GPUs = 128 windows of 4097 tokens, and
+# pretrain.py stops before building the model when there are fewer; 2^20 tokens hold 255 of them (~10%
+# of the ~10M tokens of benchmark data)
+val_tokens = 2**20
 shard_tokens = 2**24

@@ -9,11 +9,13 @@ out_dir = 'data/moxin'
 sources = [
     dict(name='slimpajama', kind='hf', path='cerebras/SlimPajama-627B', weight=627),
     dict(name='dclm', kind='hf', path='mlfoundations/dclm-baseline-1.0', weight=773),
+    # the stack's languages are interleaved one document from each in turn, each document once (data.py)
     dict(name='the-stack', kind='hf', path='bigcode/the-stack-dedup', text_field='content', weight=200,
          data_dirs=[f'data/{lang}' for lang in ('python', 'javascript', 'java', 'c', 'c++', 'go', 'rust', 'markdown')]),
 ]
-max_tokens = 1_600_000_000_000
-val_tokens = 2**24
+max_tokens = 1_600_000_000_000   # moxin7b_phase1 reads 1.9e12 tokens: 1.19 epochs of this build
+val_tokens = 2**24          # validation windows at 64 GPUs: phase 1 reads 20 x 4 x 64 = 5,120 of 2049 tokens
+                            # (2^24 tokens hold 8,191), phase 2 20 x 2 x 64 = 2,560 of 4097 (they hold 4,095)
 shard_tokens = 2**28        # 512 MB of uint16 per shard
 # SlimPajama and the stack ship deduplicated and DCLM-baseline was deduplicated by its authors;
 # cross-source MinHash over ~10^9 documents needs a cluster, not these in-memory tables.

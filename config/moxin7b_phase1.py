@@ -9,11 +9,11 @@ preset = 'moxin-7b'            # [cfg] 36 layers, dim 4096, 32/8 heads, SwiGLU 1
 data_dir = 'data/moxin'
 out_dir = 'out/moxin7b_phase1'
 block_size = 2048              # [paper] phase 1 is 2k context ([script] --max_length 2048); 2048 <= window: plain causal
-# global batch = 4 x 2 x 64 GPUs = 512 sequences = 1,048,576 tokens per step. [script] the multi-node
-# command runs 8 nodes x 8 GPUs x batch 1 x accumulation 8 (its default) = 512 sequences of 2048.
-# On N GPUs keep 512 sequences: grad_accum = 512 // (4 * N).
+# [script] the multi-node command runs 8 nodes x 8 GPUs x batch 1 x accumulation 8 (its default)
+# = 512 sequences of 2048 = 1,048,576 tokens per step. grad_accum follows from the GPU count:
+# 512 / (4 x N): 16 on 8 GPUs, 2 on 64; N must divide 128.
+global_batch_size = 512        # [script] sequences per optimizer step
 batch_size = 4                 # [assumption] per GPU; fits an 80 GB GPU with activation checkpointing
-grad_accum = 2
 lr = 3e-4                      # [script] default --lr. The paper's "2e-6" matches no released script and
                                # is ~100x below what trains a 7B model from scratch; the README's 1e-5/2e-5
                                # are for continuing an already-trained model (--expanded_model), see phases 2-3.
@@ -25,7 +25,8 @@ eps = 1e-8                     # [assumption] AdamW's default; the script does n
 grad_clip = 1.0                # [script] default --grad_clip
 # token budget: [paper] >2T tokens over all phases, ~1.4T from SlimPajama + DCLM plus the stack.
 # [assumption] nearly all of it here, at 2k context where it is cheapest: 1.9T tokens.
-max_steps = 1_812_000          # 1.9e12 / 1,048,576 tokens per step
+max_steps = 1_812_000          # 1.9e12 / 1,048,576 tokens per step. data_moxin builds ~1.6e12 tokens, so this
+                               # is 1.19 epochs: every window once, then ~19% of them again, in a new order
 compile = True                 # [assumption] speed; bf16 compute + fp32 reduce comes with FSDP2 on CUDA
 activation_checkpointing = True  # [script] -g/--grad_checkpoint; needed for 4 x 2048 tokens per GPU
 ckpt_interval = 1000           # [assumption] ~40 min of 64 H100s at 40% MFU

@@ -7,10 +7,10 @@ init_from = 'out/moxin7b_phase1/final.pt'
 data_dir = 'data/moxin'        # [paper] the same mixture, at longer context
 out_dir = 'out/moxin7b_phase2'
 block_size = 4096              # [paper] phase 2 is 4k context; 4096 = the window: still plain causal
-# global batch = 2 x 4 x 64 GPUs = 512 sequences = 2,097,152 tokens. [assumption] the same 512
-# sequences as phase 1 (the script's batch is counted in sequences).
+# [assumption] the same 512 sequences per step as phase 1 (the script's batch is counted in
+# sequences) = 2,097,152 tokens. grad_accum = 512 / (2 x N): 32 on 8 GPUs, 4 on 64.
+global_batch_size = 512
 batch_size = 2
-grad_accum = 4
 lr = 2e-5                      # [script] the README's single-node example (--lr 2e-5), which continues
                                # an already-trained model; a full 3e-4 re-warm would undo phase 1's decay
 min_lr_ratio = 0.1             # [script]

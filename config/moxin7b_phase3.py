@@ -10,10 +10,10 @@ data_dir = 'data/capability'   # [paper] "high-quality data from evaluation benc
                                # general text is not published: [assumption] benchmark data alone, short
 out_dir = 'out/moxin7b_phase3'
 block_size = 4096              # [assumption] phase 2's context
-# [assumption] 2 x 1 x 64 GPUs = 128 sequences = 524,288 tokens: the benchmark data is small
-# (~10M tokens), so smaller steps give more of them
+# [assumption] 128 sequences = 524,288 tokens per step: the benchmark data is small (~10M tokens),
+# so smaller steps give more of them. grad_accum = 128 / (2 x N): 8 on 8 GPUs, 1 on 64.
+global_batch_size = 128
 batch_size = 2
-grad_accum = 1
 lr = 1e-5                      # [script] the README's multi-node example (--lr 1e-5) on a trained model
 min_lr_ratio = 0.1             # [script]
 warmup_steps = 10              # [assumption]
@@ -28,4 +28,4 @@ ckpt_interval = 50
 keep_last = 3
 log_interval = 10
 eval_interval = 50
-eval_batches = 20
+eval_batches = 1                # x 2 x 64 GPUs = 128 windows: data_capability's val_tokens hold 255

@@ -12,9 +12,10 @@ dataset = 'allenai/tulu-v2-sft-mixture'    # [design]
 out_dir = 'out/moxin7b_chat'
 block_size = 8192              # [tulu2] max sequence length 8,192 ([oi]'s yaml cuts it to 4096 to fit one GPU);
                                # longer conversations are cut, as open-instruct cuts them
-# global batch = 1 x 2 x 64 GPUs = 128 conversations. On N GPUs keep 128: grad_accum = 128 // N.
+# global batch 128 conversations: [tulu2] effective batch size 128; grad_accum = 128 / N: 16 on 8 GPUs, 2 on 64.
+global_batch_size = 128        # [tulu2]
 batch_size = 1                 # [oi] per-device batch 1: no padding at all
-grad_accum = 2
+loss_reduction = 'mean'        # [oi] finetune.py's default --reduce_loss mean: each micro-batch's mean weighs the same
 epochs = 2                     # [tulu2] two epochs ([oi]'s yaml has 3)
 lr = 2e-5                      # [tulu2] 2e-5 for 7B and 13B models; [oi] 2.0e-05
 warmup_ratio = 0.03            # [tulu2] [oi] then linear decay to 0
@@ -28,3 +29,5 @@ ckpt_interval = 250            # [assumption] 2 epochs x 326k / 128 = ~5,100 ste
 keep_last = 2
 log_interval = 10
 workers = 8                    # [assumption] tokenizing processes per rank: 64 on an 8-GPU node
+preset = 'moxin-7b'            # for --dry_run: init_from's shape (it reads no weights)
+dataset_conversations = 326_154  # for --dry_run's whole-run time: the HF dataset card's train rows

@@ -59,3 +59,12 @@ def test_configure_exits_with_one_line():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == "error: --lr expects float (default 0.1), got str 'x'\n"
+
+
+def test_dict_calls_parse_as_config_files_write_them():
+    g = {"sources": [], "tokenizer": "mistral"}
+    apply_overrides(g, g, ["--sources=[dict(name='web', kind='local', path='raw/', weight=1)]"])
+    assert g["sources"] == [{"name": "web", "kind": "local", "path": "raw/", "weight": 1}]
+    # only plain dict(key=literal) calls are literals: anything else stays text, and is refused as the wrong type
+    with pytest.raises(ConfigError, match="--sources expects list"):
+        apply_overrides(g, g, ["--sources=[dict(name=open('x'))]"])

@@ -208,6 +208,23 @@ def test_hf_streaming_and_parquet_sources(tmp_path, vocab, mistral):
     assert meta['cleaning']['hf']['kept'][0] == 6 and meta['cleaning']['pq']['kept'][0] == 3
 
 
+def test_hf_data_dirs_are_interleaved_without_repeating_any(tmp_path, vocab, mistral):
+    """the-stack-dedup's languages are data_dirs of one HF dataset, of very different sizes: each
+    document is read exactly once (with dedup off, as config/data_moxin.py builds), the small
+    language early, and none is repeated while the largest still has documents."""
+    rng = np.random.default_rng(7)
+    texts = {lang: [words_doc(rng, 60, vocab) for _ in range(n)] for lang, n in (('small', 2), ('large', 7))}
+    for lang, docs in texts.items():
+        (tmp_path / lang).mkdir()
+        write_jsonl(tmp_path / lang / 'rows.jsonl', docs, field='content')
+    source = dict(name='code', kind='hf', path='json', text_field='content', weight=1,
+                  data_dirs=[str(tmp_path / 'small'), str(tmp_path / 'large')])
+    build(config(tmp_path, [source], dedup=False))
+    docs = read_documents(tmp_path / 'out', 'train', mistral)
+    assert sorted(docs) == sorted(texts['small'] + texts['large'])
+    assert set(docs[:4]) >= set(texts['small'])  # alternating while both have documents
+
+
 @pytest.mark.parametrize('files, message', [
     ({'bad.txt': b'ok\n' * 300 + b'caf\xe9\n'}, r'bad.txt:301: invalid UTF-8 \(byte 0xe9\)$'),
     ({'bad.jsonl': b'{"text": "x"}\n{"text": "caf\xe9"}\n'}, r'bad.jsonl:2: invalid UTF-8'),
@@ -316,6 +333,43 @@ def test_loader_errors(tmp_path, shard_dir):
         PackedLoader(shard_dir, 'val', 16, 3)
     with pytest.raises(ValueError, match='cannot fill one batch of 100 on each of 2 ranks'):
         PackedLoader(shard_dir, 'train', 16, 100, world_size=2)
+
+
+LOW_NOFILE = """
+import hashlib, json, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from dataloader import PackedLoader
+digest, starts = hashlib.sha256(), [[], []]  # starts[epoch]: the first token of every row, both ranks
+for rank in range(2):
+    loader = PackedLoader(sys.argv[1], 'train', 16, 3, rank=rank, world_size=2, seed=11)
+    for step in range(2 * loader.steps_per_epoch):
+        x, y = loader.next_batch()
+        assert (y[:, :-1] == x[:, 1:]).all() and (y[:, -1] == x[:, -1] + 1).all()
+        digest.update(x.numpy().tobytes() + y.numpy().tobytes())
+        starts[step // loader.steps_per_epoch] += x[:, 0].tolist()
+print(json.dumps([digest.hexdigest(), starts]))
+"""
+
+
+def test_loader_reads_many_shards_with_few_open_files(tmp_path):
+    """data/moxin has ~6,000 shards: the loader must not hold a file open per shard. 400 shards
+    under a limit of 64 open files: each epoch reads distinct windows, and the batches are bit
+    for bit the ones the memmap-per-shard loader gave (their digest, recorded before the change)."""
+    rng, start, windows = np.random.default_rng(0), 0, set()
+    for i in range(400):  # distinct token values, so a window is identified by its first token
+        n = int(rng.integers(20, 120))
+        np.arange(start, start + n, dtype=np.uint32).tofile(tmp_path / f'train_{i:04d}.bin')
+        windows |= {start + 16 * k for k in range((n - 1) // 16)}
+        start += n
+    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint32'}))
+    result = subprocess.run([sys.executable, '-c', LOW_NOFILE, str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    digest, starts = json.loads(result.stdout)
+    for epoch in starts:  # 2 ranks x batch 3 per step; the remainder of an epoch is dropped
+        assert len(epoch) == len(set(epoch)) == len(windows) // 6 * 6 and set(epoch) <= windows
+    assert starts[0] != starts[1]
+    assert digest == 'b6e4d1ff608f85cfea8c6d3c22e6ddcd909cf3acdefebe20fa956f5a0e61151f'
 
 
 # ------------------------------------------------------------------- chat

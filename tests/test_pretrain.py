@@ -1,5 +1,6 @@
 """pretrain.py on CPU: a tiny model on synthetic shards, run as real subprocesses
 (single process and torchrun), so signals, kills and resumes are the real thing."""
+import importlib
 import json
 import math
 import os
@@ -14,14 +15,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import configurator  # noqa: E402
 import trainer  # noqa: E402
-from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_same_numbers, logged_numbers, losses, start, wait_for  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from model import Transformer, generate, model_args  # noqa: E402
 from weights import load_model  # noqa: E402
 
 STEPS = 24
-# global batch 4 x 2 x 1 = 8 sequences; the torchrun test uses 2 x 2 x 2
+# global batch 4 x 2 x 1 = 8 sequences; the torchrun test asks for 8 with batch 2 on 2 ranks
 TINY = ['--preset=tiny', '--block_size=16', '--batch_size=4', '--grad_accum=2', f'--max_steps={STEPS}',
         '--warmup_steps=4', '--lr=1e-2', '--log_interval=1', '--eval_interval=10', '--eval_batches=2',
         '--ckpt_interval=4', '--keep_last=2', '--seed=7']
@@ -86,6 +88,73 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed) + len(plain) == len(list(model.parameters()))
 
 
+def test_grad_accum_for_makes_the_global_batch():
+    assert trainer.grad_accum_for(512, 4, 8) == 16 and trainer.grad_accum_for(512, 4, 64) == 2
+    with pytest.raises(trainer.UsageError, match=r'global_batch_size=512 sequences is not a multiple of '
+                                                 r'batch_size=3 x 8 ranks = 24'):
+        trainer.grad_accum_for(512, 3, 8)
+
+
+def shipped_config(script, path):
+    """The settings `python script.py path` runs with: the script's defaults, then the config file."""
+    module = importlib.import_module(script)
+    settings = dict(module.DEFAULTS) if script == 'data' else {k: getattr(module, k) for k in module.config_keys}
+    configurator.apply_overrides(settings, list(settings), [str(path)])
+    return settings
+
+
+@pytest.mark.parametrize('gpus', [8, 64])
+def test_every_shipped_config_runs_at_8_and_64_gpus(gpus):
+    """Each config's global batch divides over the GPUs into its recipe's batch, and its data
+    config writes enough validation tokens for eval_batches on every rank (else pretrain.py stops
+    at once with a one-line error, see test_bad_inputs_fail_with_one_line)."""
+    data_configs = {c['out_dir']: c for c in (shipped_config('data', p) for p in (ROOT / 'config').glob('data_*.py'))}
+    recipe = {'moxin7b_phase1': 512, 'moxin7b_phase2': 512, 'moxin7b_phase3': 128, 'sft_tulu2': 128, 'sft_tulu3': 128}
+    for name, global_batch in recipe.items():
+        script = 'sft' if name.startswith('sft') else 'pretrain'
+        c = shipped_config(script, ROOT / 'config' / f'{name}.py')
+        accum = trainer.grad_accum_for(c['global_batch_size'], c['batch_size'], gpus)
+        assert c['global_batch_size'] == c['batch_size'] * accum * gpus == global_batch, name
+        if script == 'pretrain':  # a shard holds at least val_tokens; a window starts every block_size tokens
+            val_windows = (data_configs[c['data_dir']]['val_tokens'] - 1) // c['block_size']
+            assert val_windows >= c['eval_batches'] * c['batch_size'] * gpus, (name, val_windows)
+
+
+class CountingLoader:
+    """The loader side of a checkpoint: a position and state_dict()/load_state_dict()."""
+    step = 0
+
+    def state_dict(self):
+        return {'step': self.step}
+
+    def load_state_dict(self, state):
+        self.step = state['step']
+
+
+@pytest.mark.parametrize('keep_last, kept', [(1, [4]), (0, [1, 2, 3, 4])])  # keep_last=2: the reference run
+def test_keep_last_keeps_the_newest_checkpoints_and_zero_keeps_all(tmp_path, keep_last, kept):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    model = Transformer(model_args('tiny', n_layers=1, vocab_size=64))
+    optimizer = trainer.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device('cpu'))
+    run = trainer.Run(str(tmp_path), {}, keep_last=keep_last)
+    try:
+        run.start(model, optimizer, CountingLoader(), None, 4, 'test')
+        for _ in range(4):
+            run.step += 1
+            run.save()
+        run.pbar.close()
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == [f'step_{s:08d}' for s in kept]
+
+
+@pytest.mark.parametrize('keep_last', [-1, 1.5])
+def test_keep_last_must_be_a_count(tmp_path, keep_last):
+    with pytest.raises(trainer.UsageError, match=f'keep_last={keep_last}: '):
+        trainer.Run(str(tmp_path), {}, keep_last=keep_last)
+
+
 # ----------------------------------------------------------------------------- runs
 
 def test_run_learns_and_writes_final_checkpoint(reference):
@@ -104,14 +173,16 @@ def test_run_learns_and_writes_final_checkpoint(reference):
 
 
 def test_torchrun_two_ranks_matches_single_process(reference, data_dir, tmp_path):
-    out, loss = reference
-    args = [a if not a.startswith('--batch_size') else '--batch_size=2' for a in TINY]
+    out, _ = reference
+    # global batch 8 = batch 2 x 2 ranks x accumulation 2, derived
+    args = [a for a in TINY if not a.startswith(('--batch_size', '--grad_accum'))] + ['--batch_size=2', '--global_batch_size=8']
     rc, stdout, stderr = run(args, tmp_path, data_dir, nproc=2)
     assert rc == 0, stderr[-3000:]
-    assert 'FSDP2' in stdout and '2 ranks = 8 sequences' in stdout
-    fsdp = losses(tmp_path)
-    for step in range(1, 9):
-        assert abs(fsdp[step] - loss[step]) <= 1e-5 * abs(loss[step]), (step, fsdp[step], loss[step])
+    assert 'FSDP2' in stdout and '2 x 2 accum x 2 ranks = 8 sequences' in stdout
+    # every logged number of every step: loss, grad_norm, lr, tokens, val_loss
+    fsdp, single = logged_numbers(tmp_path), logged_numbers(out)
+    assert fsdp.keys() == single.keys() and {name for _, name in single} == {'loss', 'grad_norm', 'lr', 'tokens', 'val_loss'}
+    assert_same_numbers(fsdp, single)
     # the gathered final weights are the same model
     a = torch.load(out / 'final.pt', weights_only=True)['model']
     b = torch.load(tmp_path / 'final.pt', weights_only=True)['model']
@@ -144,10 +215,26 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, data_d
     assert losses(tmp_path) == loss
 
 
+def test_a_second_sigterm_while_saving_is_ignored(data_dir, tmp_path):
+    """Under SLURM a worker gets SIGTERM from SLURM and again from torchrun: the second one,
+    here sent in the middle of writing the checkpoint, must not kill the save."""
+    args = [*TINY, '--ckpt_interval=1000', f'--out_dir={tmp_path}', f'--data_dir={data_dir}']  # the stop's save only
+    p = start('tests/during_save.py', ['sigterm', 'pretrain.py', *args], wait=False)
+    wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(losses(tmp_path), default=0) >= 2, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    stopped_at = max(losses(tmp_path))
+    assert stopped_at < STEPS and os.listdir(tmp_path / 'checkpoints') == [f'step_{stopped_at:08d}']
+    meta = trainer.checkpoint_meta(tmp_path / 'checkpoints' / f'step_{stopped_at:08d}')
+    assert meta['step'] == stopped_at
+
+
 def test_kill_during_checkpoint_save_resumes_from_previous(reference, data_dir, tmp_path):
     _, loss = reference
-    # the test hook freezes the save of step 8 after the shards are written, before meta.json
-    p = run(TINY, tmp_path, data_dir, env={'PRETRAIN_TEST_HANG_IN_SAVE': '8'}, wait=False)
+    # tests/during_save.py freezes the save of step 8 after the shards are written, before meta.json
+    p = start('tests/during_save.py', ['hang', '8', 'pretrain.py', *TINY, f'--out_dir={tmp_path}', f'--data_dir={data_dir}'],
+              wait=False)
     step8 = tmp_path / 'checkpoints' / 'step_00000008'
     wait_for(lambda: (step8 / '.metadata').exists(), p)
     p.kill()
@@ -194,6 +281,10 @@ def test_bad_inputs_fail_with_one_line(data_dir, tmp_path):
         "unknown config key '--block_sise'": ['--block_sise=64'],
         'run `python data.py` first': [f'--data_dir={tmp_path / "empty"}'],
         "larger than the model's max_seq_len=128": ['--block_size=256'],
+        'global_batch_size=10 sequences is not a multiple of batch_size=4 x 1 ranks = 4': ['--global_batch_size=10'],
+        'cannot fill one batch of 200 on each of 1 ranks': ['--batch_size=200'],  # the validation split
+        'windows of 17 tokens, eval_batches=50 x batch_size=4 x 1 ranks needs 200': ['--eval_batches=50'],
+        'keep_last=-1: ': ['--keep_last=-1'],
     }
     procs = {}
     for expected, extra in cases.items():

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trainer  # noqa: E402
 import chats as chat_data  # noqa: E402
 from dataloader import ChatLoader  # noqa: E402  (importing it runs nothing: the run is under __main__)
-from training_runs import ENV, ROOT, losses, start, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_same_numbers, logged_numbers, losses, start, wait_for  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
 from model import Transformer, model_args  # noqa: E402
 from weights import save_checkpoint  # noqa: E402
@@ -145,6 +145,82 @@ def test_loss_is_the_mean_over_assistant_tokens(mistral):
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
+def reduction_batches():
+    """Four micro-batches of random tokens with 2, 5, 13 and 24 trained targets: the two
+    reductions weigh them differently."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for trained in (2, 5, 13, 24):
+        x = torch.randint(0, 64, (2, 16), generator=g)
+        y = torch.full((2, 16), -1)
+        y.view(-1)[torch.randperm(32, generator=g)[:trained]] = torch.randint(0, 64, (trained,), generator=g)
+        batches.append((x, y))
+    return batches
+
+
+def reduction_model():
+    """The same weights in one process and, sharded, on every rank (trainer.build_model's CPU path)."""
+    return trainer.build_model(model_args('tiny', vocab_size=64), torch.device('cpu'), seed=0)
+
+
+def by_hand(batches, loss_reduction):
+    """The step's loss written out: -log p(target) summed per micro-batch, then divided by all
+    trained tokens of the step ('sum') or averaged over the micro-batch means ('mean'); and the
+    norm of its gradient."""
+    model = reduction_model()
+    sums, counts = [], []
+    for x, y in batches:
+        log_probs = model(x)[0].double().log_softmax(-1)
+        trained = y != -1
+        sums.append(-log_probs[trained].gather(1, y[trained][:, None]).sum())
+        counts.append(int(trained.sum()))
+    if loss_reduction == 'sum':
+        loss = sum(sums) / sum(counts)
+    else:
+        loss = sum(s / n for s, n in zip(sums, counts)) / len(batches)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+
+
+def step_stats(batches, loss_reduction):
+    """trainer.train_step with sft.py's loss for loss_reduction, lr 0 and no clipping."""
+    import sft
+    model = reduction_model()
+    optimizer = trainer.build_optimizer(model, 0.0, 0.0, (0.9, 0.95), 1e-8, torch.device('cpu'))
+    loss_fn = trainer.lm_loss if loss_reduction == 'sum' else sft.batch_mean_lm_loss
+    return trainer.train_step(model, optimizer, batches, loss_fn, lr=0.0, grad_clip=1e9)
+
+
+def reduction_rank(rank, store, out):
+    """Rank `rank` of 2 (gloo, FSDP2): micro-batches rank, rank + 2 of reduction_batches()."""
+    torch.distributed.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
+    import sft
+    model = reduction_model()
+    results = {}
+    for loss_reduction in ('sum', 'mean'):
+        optimizer = trainer.build_optimizer(model, 0.0, 0.0, (0.9, 0.95), 1e-8, torch.device('cpu'))
+        loss_fn = trainer.lm_loss if loss_reduction == 'sum' else sft.batch_mean_lm_loss
+        stats = trainer.train_step(model, optimizer, reduction_batches()[rank::2], loss_fn, lr=0.0, grad_clip=1e9)
+        results[loss_reduction] = (stats['loss'], stats['grad_norm'])
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def test_loss_reduction_sum_weighs_every_token_and_mean_every_micro_batch(tmp_path):
+    batches = reduction_batches()
+    expected = {r: by_hand(batches, r) for r in ('sum', 'mean')}
+    assert expected['sum'][0] != pytest.approx(expected['mean'][0], rel=1e-3)  # the test tells them apart
+    for loss_reduction, (loss, grad_norm) in expected.items():  # one process, 4 micro-batches
+        stats = step_stats(batches, loss_reduction)
+        assert stats['loss'] == pytest.approx(loss, rel=1e-5) and stats['grad_norm'] == pytest.approx(grad_norm, rel=1e-4)
+    # 2 ranks x 2 micro-batches each: normalised over the whole step, both ranks' tokens together
+    torch.multiprocessing.spawn(reduction_rank, args=(str(tmp_path / 'store'), str(tmp_path / 'out.json')), nprocs=2)
+    for loss_reduction, (loss, grad_norm) in json.loads((tmp_path / 'out.json').read_text()).items():
+        assert loss == pytest.approx(expected[loss_reduction][0], rel=1e-5), loss_reduction
+        assert grad_norm == pytest.approx(expected[loss_reduction][1], rel=1e-4), loss_reduction
+
+
 def test_loader_epochs_ranks_and_resume():
     ids = np.arange(1, 41, dtype=np.int32)  # 10 conversations of 4 tokens: 1-4, 5-8, ...
     mask = np.ones(40, dtype=bool)
@@ -237,18 +313,20 @@ def test_torchrun_two_ranks_matches_one_process(reference, tiny, chats, tmp_path
     """Batch 1 on each of 2 ranks = batch 1 x 2 accumulation in one process: the same pairs of
     conversations, each step's loss the mean of two conversations' means. Then SIGTERM to
     torchrun: both ranks stop at the same step and save."""
-    _, _, loss = reference
-    args = [a if a != '--grad_accum=2' else '--grad_accum=1' for a in ARGS]
+    out = reference[0]
+    args = [a if a != '--grad_accum=2' else '--global_batch_size=2' for a in ARGS]  # accumulation 1 on 2 ranks
     p = run([f'--init_from={tiny}', f'--dataset={chats}', *args], tmp_path, nproc=2, wait=False)
     wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(losses(tmp_path), default=0) >= 12, p)
     p.send_signal(signal.SIGTERM)  # torchrun passes it on; both ranks stop at the same step and save
     stdout, stderr = p.communicate(timeout=120)
-    assert 'FSDP2' in stdout and 'checkpoint saved' in stdout, stderr[-3000:]
-    fsdp = losses(tmp_path)
-    stopped_at = max(fsdp)
+    assert 'FSDP2' in stdout and '1 x 1 accum x 2 ranks = 2 conversations' in stdout and 'checkpoint saved' in stdout, stderr[-3000:]
+    stopped_at = max(losses(tmp_path))
     assert (tmp_path / 'checkpoints' / f'step_{stopped_at:08d}' / 'meta.json').exists()
-    for step in range(1, stopped_at + 1):
-        assert fsdp[step] == pytest.approx(loss[step], rel=1e-4), step
+    # every logged number of every step up to the stop: loss, grad_norm, lr, tokens
+    two_ranks = logged_numbers(tmp_path)
+    assert {name for _, name in two_ranks} == {'loss', 'grad_norm', 'lr', 'tokens'}
+    assert {step for step, _ in two_ranks} == set(range(1, stopped_at + 1))
+    assert_same_numbers(two_ranks, logged_numbers(out))
 
 
 def tree_digest(path):
@@ -269,6 +347,8 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, tmp_pa
         ("no conversation to train on (0 skipped: no assistant turn, 1 skipped: no reply within block_size)",
          [{'messages': SKIPPED[1]}], []),
         ("unknown config key '--epoch' (did you mean --epochs", [{'messages': CHATS[0]}], ['--epoch=2']),
+        ("global_batch_size=3 conversations is not a multiple of batch_size=2 x 1 ranks = 2", [{'messages': CHATS[0]}],
+         ['--batch_size=2', '--global_batch_size=3']),
     ]
     procs = {}
     for n, (expected, rows, extra) in enumerate(cases):

@@ -8,7 +8,7 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers, processors, trainers, decoders
 
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, encode_chat
 
 MISTRAL_MODEL = str(importlib.resources.files('mistral_common') / 'data' / 'tokenizer.model.v1')
 PROSE = ["Hello world", "The quick brown fox jumps over the lazy dog.", "héllo 日本語 🤖 naïve café",
@@ -34,22 +34,56 @@ def test_mistral_matches_mistral_common(mistral):
     assert 2 not in mistral.encode(INJECTION) and 1 not in mistral.encode(INJECTION)
 
 
-def test_mistral_matches_transformers(tmp_path, mistral):
-    pytest.importorskip('google.protobuf')  # transformers needs it to read a SentencePiece model
+# what SentencePiece and transformers' converted tokenizers are known to split differently
+HARD = WHITESPACE + ["end.  Next", "\tindented\n\t\tdeeper\n        eight", "x\r\ny", "a\u3000b\u00a0c", "\u200b zero width",
+                     "   ", "\n", "emoji 🤖🤖 and ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ÿ", "trailing\n", "1234567 3.14159 2024-12-01"]
+CHATS = [
+    [dict(role='user', content='What is  2+2?'), dict(role='assistant', content=' Four.\n\n    indented')],
+    [dict(role='system', content='Be brief.'), dict(role='user', content='Hi'), dict(role='assistant', content='Hello!'),
+     dict(role='user', content='  Code?'), dict(role='assistant', content='def f():\n    pass'), dict(role='user', content='日本語')],
+]
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory, mistral):
+    path = tmp_path_factory.mktemp('hf')
+    mistral.save_hf(str(path))  # what an exported model directory ships
+    return path
+
+
+def test_export_matches_sentencepiece_in_transformers(exported, mistral):
     from transformers import AutoTokenizer
-    mistral.save_hf(str(tmp_path))  # what an exported model directory ships
-    assert (tmp_path / 'tokenizer.model').read_bytes() == open(MISTRAL_MODEL, 'rb').read()
-    # the tokenizer_config.json of the mistralai/Mistral-7B-v0.1 repo, trimmed
-    assert json.loads((tmp_path / 'tokenizer_config.json').read_text()) == dict(
-        tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False, legacy=True,
-        bos_token='<s>', eos_token='</s>', unk_token='<unk>')
-    hf = AutoTokenizer.from_pretrained(str(tmp_path))
-    for text in PROSE:
-        assert mistral.encode(text) == hf.encode(text, add_special_tokens=False), text
-        assert mistral.encode(text, add_special_tokens=True) == hf.encode(text), text
-    # a model dir with only tokenizer.model uses SentencePiece, the same as 'mistral'
-    from_dir = Tokenizer.load(str(tmp_path))
-    assert from_dir.kind == 'sentencepiece' and from_dir.encode(WHITESPACE[0], True) == mistral.encode(WHITESPACE[0], True)
+    assert (exported / 'tokenizer.model').read_bytes() == open(MISTRAL_MODEL, 'rb').read()
+    hf = AutoTokenizer.from_pretrained(str(exported))
+    assert (hf.bos_token_id, hf.eos_token_id, len(hf)) == (1, 2, 32000)
+    for text in PROSE + HARD:
+        assert hf.encode(text, add_special_tokens=False) == mistral.encode(text), text
+        assert hf.encode(text) == mistral.encode(text, add_special_tokens=True), text
+        assert hf.decode(hf.encode(text), skip_special_tokens=True) == text, text
+    # and the directory read back by this project: tokenizer.json first, the same ids
+    from_dir = Tokenizer.load(str(exported))
+    assert from_dir.kind == 'hf' and (from_dir.bos_id, from_dir.eos_id) == (1, 2)
+    for text in PROSE + HARD + [INJECTION]:
+        assert from_dir.encode(text) == mistral.encode(text), text
+
+
+def test_export_chat_template_renders_encode_chat(exported, mistral):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(exported))
+    for chat in CHATS:
+        for prompt in (False, True):
+            ids, _ = encode_chat(mistral, chat, add_generation_prompt=prompt)
+            got = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=prompt, return_dict=False)
+            assert list(got) == ids, (chat, prompt)
+    with pytest.raises(Exception, match='roles are system, user and assistant, not gpt'):
+        hf.apply_chat_template([dict(role='gpt', content='x')], tokenize=False)
+
+
+def test_export_of_an_exported_tokenizer_keeps_it(exported, tmp_path, mistral):
+    Tokenizer.load(str(exported)).save_hf(str(tmp_path))  # e.g. sft.py from an exported model, exported again
+    config = json.loads((tmp_path / 'tokenizer_config.json').read_text())
+    assert config == json.loads((exported / 'tokenizer_config.json').read_text())
+    assert Tokenizer.load(str(tmp_path)).encode(HARD[0]) == mistral.encode(HARD[0])
 
 
 def _train_json(tmp_path, post_processor):

@@ -30,6 +30,27 @@ def losses(out_dir):
     return {r['step']: r['loss'] for r in records if 'loss' in r}
 
 
+# what log.jsonl records that depends on the data and the maths, not on the machine's speed
+MEASURED = ('tokens_per_s', 'mfu', 'time')
+
+
+def logged_numbers(out_dir):
+    """{(step, name): value} for every number in out_dir/log.jsonl except the speed measurements;
+    a step logged twice (replayed after a kill) keeps its last values."""
+    records = [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
+    return {(r['step'], k): v for r in records for k, v in r.items() if k != 'step' and k not in MEASURED}
+
+
+def assert_same_numbers(got, expected, rel=1e-4):
+    """Every (step, name) of `got` is in `expected` with the same value: integers exactly, floats within rel."""
+    assert got, "nothing logged"
+    for key, value in sorted(got.items()):
+        assert key in expected, f"{key} logged by one run only"
+        want = expected[key]
+        same = value == want if isinstance(want, int) else abs(value - want) <= rel * abs(want) + 1e-12
+        assert same, f"step {key[0]} {key[1]}: {value} != {want}"
+
+
 def wait_for(predicate, proc, timeout=120):
     """Poll until predicate() holds; fail if proc ends first or it takes longer than timeout seconds."""
     t0 = time.time()

@@ -1,0 +1,194 @@
+"""The dry run (dryrun.py) and the CUDA path of trainer.build_model it runs: memory against analytic
+counts and a real 2-rank run, the verdict and its alternatives, compile together with activation
+checkpointing, and checkpoint keys that no wrapper changes."""
+import json
+import re
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch._dynamo.utils import counters
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+import dryrun
+import model as model_module
+import pretrain
+import sft
+import trainer
+from configurator import apply_overrides
+from model import Transformer, model_args
+from shard_probe import layout
+from training_runs import ROOT, start
+from weights import save_checkpoint
+
+CONFIG = dict(seed=0, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, block_size=32)
+
+
+def simulate(gpus, batch_size=2, grad_accum=2, activation_checkpointing=False, args=None, **config):
+    setup = dryrun.Setup(gpus, batch_size, grad_accum, activation_checkpointing)
+    return dryrun.simulate(args or model_args('tiny'), {**CONFIG, **config}, setup)
+
+
+def n_params(args):
+    return sum(p.numel() for p in Transformer(args).parameters())
+
+
+# ----------------------------------------------------------------------------- memory
+
+@pytest.mark.parametrize('gpus', [2, 8])
+def test_sharded_state_is_the_analytic_count(gpus):
+    # tiny's dimensions all divide by 8, so every rank holds exactly 1/gpus of each tensor
+    args = model_args('tiny')
+    P, tensors = n_params(args), len(list(Transformer(args).parameters()))
+    held = simulate(gpus).at_update
+    assert held['Sharded Param'] == 4 * P // gpus  # fp32 shards
+    assert held['Sharded Grad'] == 4 * P // gpus  # fp32, reduce-scattered
+    # AdamW: two fp32 moments per weight, and a float32 step count per tensor
+    assert held['OptState'] == 2 * 4 * P // gpus + 4 * tensors
+
+
+def test_activation_checkpointing_keeps_far_fewer_activations():
+    args = model_args('tiny', n_layers=4)
+    kept = {ac: simulate(2, batch_size=4, grad_accum=1, activation_checkpointing=ac, args=args, block_size=64).peak
+            for ac in (False, True)}
+    assert kept[True]['Activation'] < kept[False]['Activation'] / 3
+
+
+class DropsLastPosition(torch.nn.Module):
+    """A broken activation-checkpointing wrapper: the block's output comes back one position short."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, *args):
+        return self.block(x, *args)[:, :-1]
+
+
+def test_the_dry_run_runs_the_real_build_path(monkeypatch):
+    """No copy: a shape mistake put into trainer.build_model's wrapping fails the dry run. (Fake
+    tensors check shapes, not dtypes: a matmul of float32 by bf16 passes them.)"""
+    assert simulate(2, activation_checkpointing=True).peak['Total'] > 0
+    monkeypatch.setattr(trainer, 'checkpoint_wrapper', DropsLastPosition)
+    with pytest.raises(RuntimeError, match='broadcast'):
+        simulate(2, activation_checkpointing=True)
+
+
+def test_dry_run_matches_a_real_two_rank_run(tmp_path):
+    out = tmp_path / 'rank0.json'
+    rc, _, err = start('tests/shard_probe.py', [str(out)], nproc=2)
+    assert rc == 0, err
+    real = json.loads(out.read_text())
+    with dryrun.fake_ranks(2) as fsdp:
+        fake = trainer.build_model(model_args('tiny'), torch.device('cpu'), 0, fsdp=fsdp)
+        assert layout(fake) == {k: [p, s, d] for k, (p, s, d) in real['layout'].items()}
+    held = simulate(2).at_update
+    assert (held['Sharded Param'], held['OptState']) == (real['params'], real['optimizer'])
+    # and the real run trains compiled, checkpointed, sharded blocks: one graph for all, the same loss
+    assert (real['graphs'], real['graph_breaks']) == (1, 0)
+    assert real['compiled_loss'] == pytest.approx(real['loss'], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the report
+
+def one_table(out):
+    assert len(re.findall(r'^\| --- \|', out, re.M)) == 1, out
+    return out
+
+
+def test_a_run_that_fits_says_so(capsys):
+    config = {**CONFIG, 'batch_size': 1, 'grad_accum': 1, 'activation_checkpointing': False, 'compile': False,
+              'dry_run_gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4}
+    dryrun.dry_run(model_args('tiny'), config, max_steps=200)
+    out = one_table(capsys.readouterr().out)
+    assert 'the configured run fits' in out and 'would fit with' not in out and 'try: ' not in out
+    assert 'whole run: 200 steps' in out and 'GPU-hours' in out
+
+
+def test_a_run_that_does_not_fit_names_what_would_and_tried_it():
+    # on one GPU, sized so that the weights, gradients and AdamW state alone leave no room
+    one_gpu = simulate(1, batch_size=1, grad_accum=1, block_size=16).peak['Total']
+    gib = 0.7 * one_gpu / dryrun.GIB
+    rc, out, err = start('pretrain.py', ['--preset=tiny', '--batch_size=1', '--block_size=16', '--dry_run',
+                                         '--dry_run_gpus=1', f'--gpu_memory_gb={gib}'])
+    assert rc == 0, err
+    one_table(out)
+    assert 'the configured run does NOT fit' in out
+    fix = re.search(r'it would fit with: (.*)', out).group(1)
+    assert re.search(r'\b(2|4) GPUs', fix), out  # more GPUs shard the state further
+    columns = out.splitlines()[2].split(' | ')
+    assert any(c.startswith('try: ') and re.search(r'\b(2|4) GPUs', c) for c in columns), out  # tried, in the table
+
+
+@pytest.mark.parametrize('key, value', [('dry_run_gpus', 0), ('gpu', 'TPU v5'), ('mfu', 1.5)])
+def test_bad_dry_run_settings_name_the_setting(key, value):
+    config = {**CONFIG, 'batch_size': 1, 'grad_accum': 1, 'activation_checkpointing': False, 'compile': False,
+              'dry_run_gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4, key: value}
+    with pytest.raises(trainer.UsageError, match=f'^{key}='):
+        dryrun.dry_run(model_args('tiny'), config, max_steps=10)
+
+
+# ----------------------------------------------------------------------------- compile with activation checkpointing
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile as build_model calls it, with a backend that compiles in seconds on a CPU."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, **kw: compile_module(self, backend='aot_eager', **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_traces_checkpointed_blocks_as_one_graph(eager_compile):
+    args = model_args('tiny', n_layers=3)
+    plain = trainer.build_model(args, torch.device('cpu'), 0)
+    both = trainer.build_model(args, torch.device('cpu'), 0, compile=True, activation_checkpointing=True)
+    x = torch.randint(0, args.vocab_size, (2, 16))
+    losses = [trainer.lm_loss(m, (x, x))[0] for m in (plain, both)]
+    for loss in losses:
+        loss.backward()
+    assert counters['stats']['unique_graphs'] == 1  # every block shares one captured graph
+    assert not counters['graph_break']
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(both.layers[0].attention.wq.weight.grad, plain.layers[0].attention.wq.weight.grad)
+
+
+def test_a_graph_break_is_an_error_not_a_silent_eager_block(eager_compile, monkeypatch):
+    forward = model_module.Block.forward
+
+    def breaks(self, *args):
+        torch._dynamo.graph_break()
+        return forward(self, *args)
+    monkeypatch.setattr(model_module.Block, 'forward', breaks)
+    model = trainer.build_model(model_args('tiny'), torch.device('cpu'), 0, compile=True, activation_checkpointing=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        model(torch.randint(0, 256, (1, 8)))
+
+
+def test_wrappers_leave_checkpoint_keys_unchanged(eager_compile, tmp_path):
+    args = model_args('tiny')
+    names = set(Transformer(args).state_dict())
+    model = trainer.build_model(args, torch.device('cpu'), 0, compile=True, activation_checkpointing=True)
+    assert set(model.state_dict()) == names
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    save_checkpoint(str(tmp_path / 'final.pt'), model, 'mistral', state_dict=full)  # what Run.finish writes
+    assert set(torch.load(tmp_path / 'final.pt', weights_only=True)['model']) == names
+    dcp.save({'model': get_model_state_dict(model)}, checkpoint_id=str(tmp_path / 'dcp'), no_dist=True)  # Run.save
+    saved = dcp.FileSystemReader(str(tmp_path / 'dcp')).read_metadata().state_dict_metadata
+    assert {k.removeprefix('model.') for k in saved} == names
+
+
+@pytest.mark.parametrize('stage, argv', [
+    (pretrain, ['config/moxin7b_phase1.py', '--dry_run', '--dry_run_gpus=64']),
+    (pretrain, ['config/moxin7b_phase1.py', '--dry_run', '--dry_run_gpus=16', '--gpu_memory_gb=40', '--gpu=A100',
+                  '--mfu=0.35', '--grad_accum=8']),
+    (sft, ['config/sft_tulu3.py', '--dry_run', '--dry_run_gpus=8', '--grad_accum=16'])])
+def test_the_readme_dry_run_commands_parse(stage, argv, monkeypatch):
+    """The README's 7B dry runs take minutes; here their settings are checked to be what they say."""
+    monkeypatch.chdir(ROOT)
+    settings = {k: getattr(stage, k) for k in stage.config_keys}
+    apply_overrides(settings, stage.config_keys, argv)
+    assert settings['dry_run'] is True and dryrun.preset_args(settings['preset'], {}).n_layers == 36
+    assert trainer.datasheet_peak(settings['gpu']) is not None
