@@ -327,3 +327,22 @@ def test_deepscaler_config_parses():
     apply_overrides(settings, grpo.config_keys, ['config/grpo_deepscaler.py'])
     assert (settings['prompts_per_step'], settings['group_size'], settings['lr'], settings['kl_coef']) == (128, 8, 1e-6, 0.001)
     assert settings['prompts_per_step'] % (settings['mini_batches'] * 8) == 0  # fits torchrun --nproc_per_node=8
+
+
+def test_rollout_model_follows_the_policy(monkeypatch):
+    """Each step's rollouts come from the policy's current weights: nothing the rollout copy keeps
+    between steps (e.g. generate's column-major head on CPU) may go stale after a sync."""
+    monkeypatch.setattr(grpo, 'group_size', 2)
+    monkeypatch.setattr(grpo, 'max_new_tokens', 5)
+    monkeypatch.setattr(grpo, 'temperature', 0.0)  # greedy: a random model's near-uniform sampling hides changes
+    policy = tiny_model()
+    rollout_model = grpo.build_rollout_model(policy.args, torch.device('cpu'))
+    sample = lambda model: grpo.rollout(model, [[1, 5, 9]], [grpo.sampler(0, 0, 0, 'cpu')], eos_id=None)
+    samples = []
+    for _ in range(2):
+        grpo.sync_rollout_model(policy, rollout_model)
+        samples.append(sample(rollout_model))
+        assert samples[-1] == sample(copy.deepcopy(policy))
+        with torch.no_grad():
+            policy.tok_embeddings.weight.mul_(-1.5)  # the tied head too: an update the next sync must carry
+    assert samples[0] != samples[1]
