@@ -197,18 +197,18 @@ def group_advantages(rewards, eps=1e-6):
     return torch.where(std > 0, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
 
 
-def collate(rows, pad_id):
-    """A micro-batch (x, y, advantage) of (prompt ids, completion ids, advantage) rows: x = (prompt +
+def collate(completions, pad_id):
+    """A micro-batch (x, y, advantage) of (prompt ids, completion ids, advantage) triples: x = (prompt +
     completion)[:-1] right-padded, y = the completion's tokens at the positions that predict them and
     -1 elsewhere (the prompt, the padding after a row has ended): only response tokens carry loss."""
-    T = max(len(p) + len(c) for p, c, _ in rows) - 1
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for r, (p, c, _) in enumerate(rows):
+    T = max(len(p) + len(c) for p, c, _ in completions) - 1
+    x = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    y = torch.full((len(completions), T), -1, dtype=torch.long)
+    for r, (p, c, _) in enumerate(completions):
         seq = torch.tensor(p + c, dtype=torch.long)
         x[r, :len(seq) - 1] = seq[:-1]
         y[r, len(p) - 1:len(seq) - 1] = seq[len(p):]
-    return x, y, torch.tensor([a for _, _, a in rows], dtype=torch.float32)
+    return x, y, torch.tensor([a for _, _, a in completions], dtype=torch.float32)
 
 
 def mini_batches_of(prompts, places, groups, advantages, pad_id):
@@ -218,9 +218,9 @@ def mini_batches_of(prompts, places, groups, advantages, pad_id):
     per_mini = prompts_per_step // mini_batches
     out = []
     for m in range(mini_batches):
-        rows_ = [(p, c, a) for p, place, group, adv in zip(prompts, places, groups, advantages.tolist())
-                 if place // per_mini == m for c, a in zip(group, adv)]
-        out.append([collate(rows_[i:i + micro_batch_size], pad_id) for i in range(0, len(rows_), micro_batch_size)])
+        mine = [(p, c, a) for p, place, group, adv in zip(prompts, places, groups, advantages.tolist())
+                if place // per_mini == m for c, a in zip(group, adv)]
+        out.append([collate(mine[i:i + micro_batch_size], pad_id) for i in range(0, len(mine), micro_batch_size)])
     return out
 
 
