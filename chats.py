@@ -3,8 +3,11 @@ Conversation data for the fine-tuning stages (sft.py, dpo.py, grpo.py): where th
 from and how they become token ids with a loss mask.
 
     chat_tokenizer(spec, ...)   a model's tokenizer, checked fit for the chat template
-    rows(dataset)               -> (where, row) for 'pydoc' (offline demo), a .jsonl file, or an HF dataset
+    rows(dataset)               -> (where, row) for 'pydoc' (offline demo), 'arithmetic' (the offline math demo),
+                                a .jsonl file, or an HF dataset
     pydoc_conversations()       the offline demo: this interpreter's documentation as Q&A
+    arithmetic_problems(split)  the offline math demo: seeded word problems with a \\boxed{} answer, for sft.py
+                                and grpo.py; math_prompt(problem) is the user turn both ask it with
     load_conversations(...)     every conversation tokenized up front (tokenizer.encode_chat), with the
                                 ones that have nothing to learn skipped and counted
     load_pairs(...)             preference pairs (Tulu 3's schema: 'chosen' and 'rejected' message lists
@@ -16,6 +19,7 @@ import importlib
 import inspect
 import multiprocessing
 import os
+import random
 import zlib
 
 import numpy as np
@@ -46,6 +50,10 @@ def rows(dataset):
     if dataset == 'pydoc':
         for n, messages in enumerate(pydoc_conversations()):
             yield f"pydoc conversation {n}", {'messages': messages}
+    elif dataset in ('arithmetic', 'arithmetic:heldout'):
+        split = 'heldout' if dataset.endswith(':heldout') else 'train'
+        for n, row in enumerate(arithmetic_problems(split)):
+            yield f"{dataset} problem {n}", row
     elif dataset.endswith('.jsonl'):
         if not os.path.isfile(dataset):
             raise UsageError(f"dataset={dataset}: no such file")
@@ -116,6 +124,51 @@ def pydoc_conversations():
         if underline and set(underline) <= set('*=-') and body.strip():
             yield [{'role': 'user', 'content': f"Explain {title[0].lower() + title[1:]}."},
                    {'role': 'assistant', 'content': answer(body)}]
+
+
+# DeepScaleR's instruction after each problem (rllm's scripts/data/deepscaler_dataset.py): the model learns
+# to end with the \boxed{} answer the grader reads
+MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def math_prompt(problem):
+    """The conversation a math problem is asked in: one user turn, the problem then the instruction."""
+    return [{'role': 'user', 'content': f"{problem} {MATH_INSTRUCTION}"}]
+
+
+ARITHMETIC_SIZES = {'train': 800, 'heldout': 200}  # 800 x 6 epochs / 16 = sft.py's 300 demo steps
+NAMES = ('Ada', 'Ben', 'Cleo', 'Dan', 'Eva', 'Finn', 'Gus', 'Hana', 'Ivo', 'Jade', 'Kai', 'Lena')
+THINGS = ('apples', 'books', 'coins', 'marbles', 'pens', 'shells', 'stamps', 'cards', 'eggs', 'stones')
+
+
+def arithmetic_problems(split):
+    """The offline math demo: small word problems ("Ada has 12 pens and gets 7 more. How many pens
+    does Ada have now?") with a one-line worked solution ending in \boxed{19}, as rows
+    {problem, answer, messages}: grpo.py reads problem/answer (DeepScaleR's schema), sft.py the
+    conversation. Problem n is drawn by random.Random(n), so the data never changes. A sum, difference
+    or product whose numbers hash into one tenth of all is 'heldout', never 'train', so held-out
+    problems ask arithmetic the model has not been trained on in any wording."""
+    want, n = ARITHMETIC_SIZES[split], 0
+    while want:
+        rng, n = random.Random(n), n + 1
+        name, things, kind = rng.choice(NAMES), rng.choice(THINGS), rng.choice('+-*')
+        if kind == '+':
+            a, b = rng.randint(2, 30), rng.randint(2, 30)
+            problem = f"{name} has {a} {things} and gets {b} more. How many {things} does {name} have now?"
+        elif kind == '-':
+            a = rng.randint(5, 40)
+            b = rng.randint(1, a - 1)
+            problem = f"{name} has {a} {things} and gives away {b}. How many {things} does {name} have left?"
+        else:
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            problem = f"{name} has {a} bags with {b} {things} in each. How many {things} does {name} have?"
+        if (zlib.crc32(f"{a}{kind}{b}".encode()) % 10 == 0) != (split == 'heldout'):
+            continue
+        answer = str({'+': a + b, '-': a - b, '*': a * b}[kind])
+        solution = f"{a} {kind.replace('*', 'x')} {b} = {answer}. The answer is \\boxed{{{answer}}}."
+        want -= 1
+        yield {'problem': problem, 'answer': answer,
+               'messages': math_prompt(problem) + [{'role': 'assistant', 'content': solution}]}
 
 
 def encode_row(tokenizer, where, row, block_size):

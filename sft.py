@@ -2,6 +2,7 @@
 Supervised fine-tuning (SFT): teach a pre-trained model to chat.
 
     python sft.py                                          # the demo: out/final.pt on this Python's docs as Q&A
+    python sft.py --dataset=arithmetic --out_dir=out/sft_arithmetic   # the math demo, for grpo.py
     python sft.py --dataset=chats.jsonl --init_from=path/to/hf_model
     torchrun --nproc_per_node=8 sft.py config/sft_tulu3.py    # Moxin-7B instruct, FSDP2
 
@@ -15,6 +16,8 @@ handling are trainer.py's, shared with pretrain.py: only the batches and the sch
 Data (`dataset`, read by chats.rows):
     'pydoc'                         offline: questions about this interpreter's functions, classes
                                     and language topics, answered with their documentation
+    'arithmetic'                    offline: seeded arithmetic word problems answered "... \\boxed{N}"
+                                    (chats.arithmetic_problems), the task grpo.py's demo trains on next
     a path ending in .jsonl         one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}
     anything else                   a Hugging Face dataset with a 'messages' column, e.g.
                                     allenai/tulu-v2-sft-mixture or allenai/tulu-3-sft-mixture

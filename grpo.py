@@ -1,0 +1,415 @@
+"""
+Reinforcement learning with a verifiable reward: GRPO (Group Relative Policy Optimization,
+DeepSeekMath; DeepSeek-R1), the stage that turns Moxin-7B-Instruct, fine-tuned on chain-of-thought
+data, into Moxin-7B-Reasoning with DeepScaleR's recipe.
+
+    python grpo.py                                           # the demo: out/sft_arithmetic/final.pt on arithmetic problems
+    python grpo.py --dataset=problems.jsonl --init_from=path/to/hf_model
+    torchrun --nproc_per_node=8 grpo.py config/grpo_deepscaler.py    # Moxin-7B-Reasoning, FSDP2
+
+One step, for prompts_per_step math problems (each asked as chats.math_prompt: the problem, then
+"...output the final answer within \\boxed{}"):
+  1. rollout      group_size completions o_1..o_G of each prompt q, sampled from the current policy
+  2. reward       r_i = eval.math_reward(o_i, answer): 1 if the last \\boxed{} is the answer, else 0
+  3. advantage    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps), the same for every token of o_i;
+                  a group whose rewards are all equal teaches nothing and gets A = 0
+  4. loss         per response token t of o_i, with ratio_t = pi(o_t) / pi_old(o_t) against the
+                  log-probs the completions were sampled with, and the frozen starting model pi_ref:
+                    L_t = -min(ratio_t A_i, clip(ratio_t, 1 - clip_eps, 1 + clip_eps) A_i)
+                          + kl_coef * (pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1)
+                  averaged over all response tokens of the step; then ppo_epochs x mini_batches
+                  optimizer steps on the rollouts (1 x 1: fully on-policy, ratio = 1)
+
+The model build, FSDP2, AdamW, the optimizer step, checkpoints, resume, signals, the NaN guard and
+logging are trainer.py's, shared with pretrain.py, sft.py and dpo.py; this file adds the four parts
+above. Rollouts are sampled from an unsharded copy of the policy (as verl samples with a separate
+vLLM engine), re-synced every step; the sampling seed of each group depends only on (seed, step,
+its place in the step), so 1 process and torchrun draw the same completions, and a resumed run
+draws the same ones it would have.
+
+Data (`dataset`, read by chats.rows): rows {problem, answer} (DeepScaleR's schema):
+    'arithmetic'            offline: chats.arithmetic_problems('train'), the demo task sft.py learned
+    a path ending in .jsonl one problem per line
+    anything else           a Hugging Face dataset, e.g. agentica-org/DeepScaleR-Preview-Dataset
+`eval_dataset` (e.g. 'arithmetic:heldout', problems never trained on) is answered greedily before
+and after training; its accuracy goes to the terminal and log.jsonl.
+
+Bad input stops the run before anything is written, naming the row: a row without its problem or
+answer, an answer the grader cannot match even to itself; a prompt that leaves fewer than
+max_new_tokens of block_size for its answer is skipped and counted.
+"""
+import os
+import time
+from dataclasses import asdict
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from chats import math_prompt, rows
+from configurator import settings
+from eval import math_reward
+from model import Transformer, generate
+from tokenizer import Tokenizer, encode_chat
+from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
+                     launch, lr_at, read_init_weights, train_step)
+
+# ----------------------------------------------------------------------------- defaults (= the demo)
+init_from = 'out/sft_arithmetic/final.pt'  # the policy's start and the frozen reference (sft.py --dataset=arithmetic)
+dataset = 'arithmetic'          # 'arithmetic', a .jsonl file, or a Hugging Face dataset of {problem, answer} rows
+eval_dataset = 'arithmetic:heldout'  # answered greedily before and after training; '' = none
+eval_limit = 200                # problems of eval_dataset to answer
+block_size = 128                # prompt + response tokens
+max_new_tokens = 32             # the longest response; prompts longer than block_size - max_new_tokens are skipped
+# one step: prompts_per_step prompts x group_size sampled completions, over all ranks
+prompts_per_step = 8
+group_size = 8
+temperature = 1.0
+top_p = 1.0
+# the loss
+clip_eps = 0.2                  # PPO's clip on the probability ratio
+kl_coef = 0.001                 # weight of the k3 KL(policy || reference) per token; 0 = no reference model
+adv_eps = 1e-6                  # in the advantage's denominator (verl's epsilon)
+ppo_epochs = 1                  # passes over each step's rollouts
+mini_batches = 1                # optimizer steps per pass; 1 x 1 = on-policy
+micro_batch_size = 32           # completions per forward/backward (memory only: the step is the same)
+# optimizer and schedule
+max_steps = 40
+lr = 5e-5
+warmup_steps = 0
+min_lr_ratio = 1.0              # 1.0 = constant after warmup (verl's default); else cosine down to it
+weight_decay = 0.0
+betas = (0.9, 0.999)
+eps = 1e-8
+grad_clip = 1.0
+seed = 1337
+# speed / memory
+compile = False
+activation_checkpointing = False
+# output
+out_dir = 'out/grpo'
+resume = 'auto'                 # 'auto' = newest complete checkpoint in out_dir, if any; or a checkpoint dir
+ckpt_interval = 20
+keep_last = 2
+log_interval = 1
+export_hf = False
+config_keys = settings(globals())
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def load_prompts(dataset, tokenizer, max_prompt_tokens):
+    """Every problem of the dataset as (prompt ids in the chat template, ready for the reply; answer).
+    -> (prompts, how many were skipped for leaving no room for a response)."""
+    prompts, too_long = [], 0
+    for where, row in rows(dataset):
+        for field in ('problem', 'answer'):
+            if not isinstance(row, dict) or field not in row:
+                raise UsageError(f"{where}: no '{field}' field (GRPO needs each problem and its reference answer)")
+        answer = row['answer']
+        # an answer the grader cannot match to itself would make every completion of it wrong
+        if not isinstance(answer, (str, int)) or math_reward(f"\\boxed{{{answer}}}", str(answer)) != 1.0:
+            raise UsageError(f"{where}: the grader (eval.math_reward) cannot match answer {answer!r} even to itself")
+        try:
+            ids, _ = encode_chat(tokenizer, math_prompt(row['problem']), add_generation_prompt=True)
+        except ValueError as e:  # a problem that is not a string
+            raise UsageError(f"{where}: {e}") from None
+        if len(ids) > max_prompt_tokens:
+            too_long += 1
+        else:
+            prompts.append((ids, str(answer)))
+    return prompts, too_long
+
+
+class PromptLoader:
+    """prompts_per_step prompts per step, each epoch in a new seeded order; rank r of world_size takes
+    the step's prompts at places r, r + world_size, ... state_dict() resumes exactly."""
+
+    def __init__(self, n_prompts, prompts_per_step, rank=0, world_size=1, seed=0):
+        self.n_prompts, self.prompts_per_step, self.rank, self.world_size, self.seed = \
+            n_prompts, prompts_per_step, rank, world_size, seed
+        self.steps_per_epoch = n_prompts // prompts_per_step
+        self.epoch = self.step = 0
+
+    def next_prompts(self):
+        """-> [(prompt index, its place in the step)] of this rank's prompts."""
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_prompts)
+        first = self.step * self.prompts_per_step
+        self.step += 1
+        return [(int(order[first + j]), j) for j in range(self.rank, self.prompts_per_step, self.world_size)]
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
+                    n_prompts=self.n_prompts, prompts_per_step=self.prompts_per_step)
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ('seed', 'world_size', 'n_prompts', 'prompts_per_step'):
+            if state[key] != mine[key]:
+                raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
+                                 f"same data and settings, or start a new out_dir")
+        self.epoch, self.step = state['epoch'], state['step']
+
+
+# ----------------------------------------------------------------------------- 1. rollout
+
+def build_rollout_model(args, device):
+    """The model completions are sampled from: a plain, unsharded Transformer on every rank. Each rank
+    generates its own prompts for as many tokens as they take, a different number of forward passes
+    per rank, which a sharded model (all-gathering its weights in every forward) could not do.
+    bf16 on CUDA, as FSDP2 computes the policy's forward."""
+    with torch.device('meta'):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    return model.to(torch.bfloat16 if device.type == 'cuda' else torch.float32).eval().requires_grad_(False)
+
+
+def sync_rollout_model(policy, rollout_model):
+    """Copy the policy's current weights (gathered whole from their shards under FSDP) into the rollout model."""
+    rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+
+
+def sampler(seed, step, place, device):
+    """The random generator of one group: a function of (seed, step, the prompt's place in the step) only."""
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, place]).generate_state(1)[0]))
+
+
+def rollout(model, prompts, generators, eos_id):
+    """group_size completions of each prompt (new token ids, ending with EOS unless cut at
+    max_new_tokens), sampled at temperature / top_p; one call per group with the group's own
+    generator, so the prompt is prefilled once and shared by its samples."""
+    return [generate(model, [prompt] * group_size, max_new_tokens, temperature=temperature, top_p=top_p,
+                     eos_id=eos_id, generator=g) for prompt, g in zip(prompts, generators)]
+
+
+# ----------------------------------------------------------------------------- 3. advantages
+
+def group_advantages(rewards, eps=1e-6):
+    """rewards [prompts, group_size] -> advantages, the same shape:
+    A_i = (r_i - mean(r)) / (std(r) + eps) within each group (std unbiased, as verl's torch.std);
+    a group whose rewards are all equal gets exactly 0."""
+    mean, std = rewards.mean(dim=1, keepdim=True), rewards.std(dim=1, keepdim=True)
+    return torch.where(std > 0, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
+
+
+def collate(completions, pad_id):
+    """A micro-batch (x, y, advantage) of (prompt ids, completion ids, advantage) triples: x = (prompt +
+    completion)[:-1] right-padded, y = the completion's tokens at the positions that predict them and
+    -1 elsewhere (the prompt, the padding after a row has ended): only response tokens carry loss."""
+    T = max(len(p) + len(c) for p, c, _ in completions) - 1
+    x = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    y = torch.full((len(completions), T), -1, dtype=torch.long)
+    for r, (p, c, _) in enumerate(completions):
+        seq = torch.tensor(p + c, dtype=torch.long)
+        x[r, :len(seq) - 1] = seq[:-1]
+        y[r, len(p) - 1:len(seq) - 1] = seq[len(p):]
+    return x, y, torch.tensor([a for _, _, a in completions], dtype=torch.float32)
+
+
+def mini_batches_of(prompts, places, groups, advantages, pad_id):
+    """The step's completions as mini_batches lists of micro-batches. Mini-batch m holds the prompts at
+    places [m P/M, (m+1) P/M) of the step, on every rank, so it is the same set of completions
+    whatever the world size."""
+    per_mini = prompts_per_step // mini_batches
+    out = []
+    for m in range(mini_batches):
+        mine = [(p, c, a) for p, place, group, adv in zip(prompts, places, groups, advantages.tolist())
+                if place // per_mini == m for c, a in zip(group, adv)]
+        out.append([collate(mine[i:i + micro_batch_size], pad_id) for i in range(0, len(mine), micro_batch_size)])
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. the loss
+
+def token_logprobs(model, x, y):
+    """log pi(y_t | x_<=t) at every position, 0 where y = -1."""
+    logits, _ = model(x)
+    return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none').view_as(y)
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef):
+    """The GRPO loss of a batch of completions, summed over its response tokens (mask):
+    -> (loss sum, response tokens, {'kl': sum, 'clip_frac': sum}); train_step divides by the step's tokens."""
+    adv = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)                                # ratio_t = pi(o_t) / pi_old(o_t)
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    surrogate = torch.max(unclipped, clipped)                         # -min(ratio A, clip(ratio, 1-eps, 1+eps) A)
+    log_ref_ratio = ref_logp - logp
+    kl = (torch.exp(log_ref_ratio) - log_ref_ratio - 1).clamp(max=10)  # k3 = pi_ref/pi - log(pi_ref/pi) - 1 >= 0,
+    # an unbiased, low-variance estimate of KL(pi || pi_ref) per sampled token (verl's low_var_kl, clamped at 10 too)
+    m = mask.to(logp.dtype)
+    return ((surrogate + kl_coef * kl) * m).sum(), m.sum(), {
+        'kl': (kl * m).sum().detach(), 'clip_frac': ((clipped > unclipped) * m).sum()}
+
+
+def grpo_loss(model, batch, clip_eps, kl_coef):
+    """train_step's loss_fn. Aggregation: the mean over every response token of the step, over all
+    micro-batches and ranks (train_step divides the sums by the step's tokens). DeepScaleR's verl takes
+    the masked mean over each micro-batch's response tokens ('token-mean', verl's loss_agg_mode default)
+    and averages the micro-batches, which weighs a token by how full its micro-batch is; one mean over
+    the step is what that approximates, and it does not change with the number of ranks."""
+    x, y, advantages, old_logp, ref_logp = batch
+    return policy_loss(token_logprobs(model, x, y), old_logp, ref_logp, advantages, y != -1, clip_eps, kl_coef)
+
+
+@torch.no_grad()
+def with_logprobs(policy, reference, micro_batch, device):
+    """A micro-batch with the log-probs of its tokens appended: under the policy as it sampled them
+    (pi_old, before any update of this step) and under the reference (zeros without one: kl_coef = 0)."""
+    x, y, advantages = micro_batch
+    xd, yd = x.to(device), y.to(device)
+    old = token_logprobs(policy, xd, yd).cpu()
+    ref = token_logprobs(reference, xd, yd).cpu() if reference is not None else torch.zeros_like(old)
+    return x, y, advantages, old, ref
+
+
+def update(policy, optimizer, minis, loss_fn, step_lr):
+    """ppo_epochs passes over the step's mini-batches, one optimizer step (trainer.train_step) each.
+    -> the stats of the step: the mean of each number over the optimizer steps, tokens/flops/seconds summed."""
+    all_stats = [train_step(policy, optimizer, micro, loss_fn, step_lr, grad_clip)
+                 for _ in range(ppo_epochs) for micro in minis]
+    summed = ('tokens', 'flops', 'seconds')
+    return {k: float((np.sum if k in summed else np.mean)([s[k] for s in all_stats])) for k in all_stats[0]}
+
+
+# ----------------------------------------------------------------------------- held-out accuracy
+
+def greedy_accuracy(model, problems, tokenizer, rank, world_size, device):
+    """Greedy accuracy on problems (prompt ids, answer) through eval.math_reward; rank r answers every
+    world_size-th problem."""
+    mine = problems[rank::world_size]
+    completions = generate(model, [p for p, _ in mine], max_new_tokens, eos_id=tokenizer.eos_id) if mine else []
+    counts = torch.tensor([sum(math_reward(tokenizer.decode(c), a) for c, (_, a) in zip(completions, mine)),
+                           len(mine)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1]).item()
+
+
+def rollout_stats(rewards, groups, device):
+    """The step's rollouts over every rank: mean reward, the fraction of groups whose rewards are all
+    equal (no signal), mean response length in tokens."""
+    sums = torch.tensor([rewards.sum().item(), rewards.numel(), (rewards.std(dim=1) == 0).sum().item(),
+                         sum(len(c) for group in groups for c in group)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    reward_sum, n, all_equal, length_sum = sums.tolist()
+    return {'reward': reward_sum / n, 'all_equal_groups': all_equal * group_size / n, 'response_len': length_sum / n}
+
+
+def check_settings(world_size):
+    """Settings that cannot work, found before anything is read or written."""
+    if group_size < 2:
+        raise UsageError(f"group_size={group_size}: GRPO needs at least 2 completions per prompt "
+                         f"(each is compared with its group's mean)")
+    if prompts_per_step % (mini_batches * world_size):
+        raise UsageError(f"prompts_per_step={prompts_per_step} must be a multiple of mini_batches x world_size "
+                         f"= {mini_batches} x {world_size}")
+    if max_new_tokens >= block_size:
+        raise UsageError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={block_size}")
+    if not os.path.exists(init_from):
+        raise UsageError(f"init_from={init_from}: no such file or directory (the demo trains the arithmetic model: "
+                         f"run `python sft.py --dataset=arithmetic --out_dir=out/sft_arithmetic` first)")
+
+
+def read_start(rank, world_size):
+    """The starting model (the reference's weights, and the policy's unless resuming) and its tokenizer.
+    -> (ModelArgs, init state dict, Tokenizer, the checkpoint to resume from or None)."""
+    resume_path = find_checkpoint(resume, out_dir)
+    args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
+    if resume_path and checkpoint_meta(resume_path)['model_args'] != asdict(args):
+        raise UsageError(f"{resume_path} holds a model of another shape than init_from={init_from}")
+    try:
+        tokenizer = Tokenizer.load(tokenizer_spec)
+    except ValueError as e:
+        raise UsageError(f"the model's tokenizer: {e}") from None
+    if tokenizer.eos_id is None:
+        raise UsageError(f"tokenizer {tokenizer.spec} has no EOS token, which ends every completion")
+    if block_size > args.max_seq_len:
+        raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
+    return args, init_state, tokenizer, resume_path
+
+
+def main(rank, world_size, device):
+    master = rank == 0
+    t_start = time.time()
+    check_settings(world_size)
+    args, init_state, tokenizer, resume_path = read_start(rank, world_size)
+
+    # ---- the problems, in full, before anything is built or written
+    prompts, too_long = load_prompts(dataset, tokenizer, block_size - max_new_tokens)
+    heldout = load_prompts(eval_dataset, tokenizer, block_size - max_new_tokens)[0][:eval_limit] if eval_dataset else []
+    if len(prompts) < prompts_per_step:
+        raise UsageError(f"dataset={dataset}: {len(prompts)} usable problems ({too_long} skipped: longer than "
+                         f"block_size - max_new_tokens = {block_size - max_new_tokens} tokens) cannot fill one step "
+                         f"of prompts_per_step={prompts_per_step}")
+    loader = PromptLoader(len(prompts), prompts_per_step, rank, world_size, seed)
+
+    # ---- policy, frozen reference, rollout copy, optimizer, and where the run stands
+    # (loading a state dict under FSDP puts shards in place of its entries: each model gets its own dict)
+    policy = build_model(args, device, seed, dict(init_state), compile, activation_checkpointing)
+    reference = build_model(args, device, seed, dict(init_state)).requires_grad_(False) if kl_coef else None
+    del init_state
+    rollout_model = build_rollout_model(args, device)
+    optimizer = build_optimizer(policy, lr, weight_decay, betas, eps, device)
+    config = {k: globals()[k] for k in config_keys}
+    run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
+              log_interval, ckpt_interval, keep_last)
+    if master:
+        print(describe_model(policy, f"resumed from {resume_path}" if resume_path else f"init from {init_from}",
+                             world_size, device))
+        print(f"data: {dataset}: {len(prompts):,} problems, {too_long:,} skipped: longer than block_size - "
+              f"max_new_tokens = {block_size - max_new_tokens} tokens; {loader.steps_per_epoch} steps per epoch")
+        print(f"step: {prompts_per_step} prompts x {group_size} completions over {world_size} rank(s), "
+              f"{ppo_epochs} x {mini_batches} optimizer steps; {max_steps} steps")
+    run.start(policy, optimizer, loader, resume_path, max_steps, 'grpo')
+
+    def log_heldout_accuracy():
+        sync_rollout_model(policy, rollout_model)
+        acc = greedy_accuracy(rollout_model, heldout, tokenizer, rank, world_size, device)
+        run.log({'step': run.step, 'heldout_accuracy': acc},
+                f"held-out greedy accuracy at step {run.step}: {acc:.1%} of {len(heldout)} ({eval_dataset})")
+
+    if heldout:
+        log_heldout_accuracy()
+    loss_fn = partial(grpo_loss, clip_eps=clip_eps, kl_coef=kl_coef)
+
+    # ---- the loop
+    while run.step < max_steps:
+        step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio)
+        t0 = time.perf_counter()
+        indices, places = zip(*loader.next_prompts())
+        step_prompts = [prompts[i][0] for i in indices]
+        # 1. rollout: group_size samples of each prompt from the policy as it is now
+        sync_rollout_model(policy, rollout_model)
+        groups = rollout(rollout_model, step_prompts, [sampler(seed, run.step, p, device) for p in places],
+                         tokenizer.eos_id)
+        # 2. reward: r_i = 1 if the last \boxed{} of completion i is the answer, else 0
+        rewards = torch.tensor([[math_reward(tokenizer.decode(c), prompts[i][1]) for c in group]
+                                for i, group in zip(indices, groups)])
+        # 3. advantages: A_i = (r_i - mean(r)) / (std(r) + eps) within each group
+        advantages = group_advantages(rewards, adv_eps)
+        minis = [[with_logprobs(policy, reference, micro, device) for micro in mini]
+                 for mini in mini_batches_of(step_prompts, places, groups, advantages, tokenizer.eos_id)]
+        rollout_seconds = time.perf_counter() - t0
+        # 4. loss: clipped surrogate + kl_coef * k3, per response token (grpo_loss); ppo_epochs x mini_batches steps
+        stats = update(policy, optimizer, minis, loss_fn, step_lr)
+        stats.update(rollout_stats(rewards, groups, device), rollout_s=rollout_seconds,
+                     seconds=stats['seconds'] + rollout_seconds)
+        run.end_step(stats, step_lr)
+
+    if heldout:
+        log_heldout_accuracy()
+    run.finish(tokenizer, with_hf=export_hf)
+    if master:
+        print(f"done: {run.step} steps in {time.time() - t_start:.0f}s; wrote {out_dir}/final.pt. "
+              f"Try: python sample.py --ckpt {out_dir}/final.pt --chat")
+
+
+if __name__ == '__main__':
+    launch(main, globals(), config_keys)
