@@ -54,6 +54,7 @@ from configurator import settings
 from eval import math_reward
 from model import Transformer, generate
 from tokenizer import Tokenizer, encode_chat
+from weights import is_hub_id
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
                      launch, lr_at, read_init_weights, train_step)
 
@@ -312,7 +313,7 @@ def check_settings(world_size):
                          f"= {mini_batches} x {world_size}")
     if max_new_tokens >= block_size:
         raise UsageError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={block_size}")
-    if not os.path.exists(init_from):
+    if not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo trains the arithmetic model: "
                          f"run `python sft.py --dataset=arithmetic --out_dir=out/sft_arithmetic` first)")
 
