@@ -49,11 +49,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from chats import math_prompt, rows
+from chats import chat_tokenizer, math_prompt, rows
 from configurator import settings
 from eval import math_reward
 from model import Transformer, generate
-from tokenizer import Tokenizer, encode_chat
+from tokenizer import encode_chat
 from weights import is_hub_id
 from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
                      launch, lr_at, read_init_weights, train_step)
@@ -325,15 +325,7 @@ def read_start(rank, world_size):
     args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
     if resume_path and checkpoint_meta(resume_path)['model_args'] != asdict(args):
         raise UsageError(f"{resume_path} holds a model of another shape than init_from={init_from}")
-    try:
-        tokenizer = Tokenizer.load(tokenizer_spec)
-    except ValueError as e:
-        raise UsageError(f"the model's tokenizer: {e}") from None
-    if tokenizer.eos_id is None:
-        raise UsageError(f"tokenizer {tokenizer.spec} has no EOS token, which ends every completion")
-    if block_size > args.max_seq_len:
-        raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
-    return args, init_state, tokenizer, resume_path
+    return args, init_state, chat_tokenizer(tokenizer_spec, args, block_size), resume_path
 
 
 def main(rank, world_size, device):

@@ -74,14 +74,10 @@ mfu = 0.4                     # the model FLOPs utilisation assumed for time and
 config_keys = settings(globals())
 
 
-def main(rank, world_size, device):
-    if dry_run:  # the model shape of `preset`: phases 2-3 continue phase 1's
-        return dryrun.dry_run(dryrun.preset_args(preset, model_overrides), {k: globals()[k] for k in config_keys},
-                              max_steps)
-    master = rank == 0
-    t_start = time.time()
-
-    # ---- inputs: check everything cheap before building anything
+def open_data(rank, world_size):
+    """The shards' tokenizer and vocabulary size, the train loader and the validation loader (None
+    without val shards), checked before any weights are read: a bad data_dir, too little data for
+    the ranks or a validation split too small for eval_batches is one line, not a traceback later."""
     if not (os.path.exists(os.path.join(data_dir, 'meta.json')) and glob.glob(os.path.join(data_dir, 'train_*.bin'))):
         raise UsageError(f"no token shards in {data_dir}: run `python data.py` first "
                          f"(or set data_dir to the out_dir of a finished data.py run)")
@@ -90,10 +86,6 @@ def main(rank, world_size, device):
     tokenizer = Tokenizer.load(data_meta['tokenizer'])
     if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
         raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
-    if init_from and not (os.path.exists(init_from) or is_hub_id(init_from)):
-        raise UsageError(f"init_from={init_from}: no such file or directory")
-    resume_path = find_checkpoint(resume, out_dir)
-    accum = grad_accum_for(global_batch_size, batch_size, world_size) if global_batch_size else grad_accum
     try:
         train_loader = PackedLoader(data_dir, 'train', block_size, batch_size, rank, world_size, seed)
         val_loader = None
@@ -106,22 +98,41 @@ def main(rank, world_size, device):
                          f"eval_batches={eval_batches} x batch_size={batch_size} x {world_size} ranks needs "
                          f"{eval_batches * batch_size * world_size}: lower eval_batches, or build the data with "
                          f"val_tokens >= {eval_batches * batch_size * world_size * block_size + 1}")
+    return tokenizer, data_meta['vocab_size'], train_loader, val_loader
 
-    # ---- the model's shape and starting weights: own checkpoint (resume) > init_from > random
-    init_state = None
+
+def starting_point(resume_path, rank, world_size):
+    """The model's shape and starting weights: our own checkpoint (resume) > init_from > random.
+    -> (ModelArgs, full state dict on rank 0 or None for random init / resume)."""
     if resume_path:
-        args = ModelArgs(**checkpoint_meta(resume_path)['model_args'])
-    elif init_from:
+        return ModelArgs(**checkpoint_meta(resume_path)['model_args']), None
+    if init_from:
         args, init_state, _ = read_init_weights(init_from, rank, world_size)
-    else:
-        try:
-            args = model_args(preset, **model_overrides)
-        except (TypeError, ValueError) as e:  # unknown preset or ModelArgs field
-            raise UsageError(f"preset={preset!r} model_overrides={model_overrides}: {e}") from None
+        return args, init_state
+    try:
+        return model_args(preset, **model_overrides), None
+    except (TypeError, ValueError) as e:  # unknown preset or ModelArgs field
+        raise UsageError(f"preset={preset!r} model_overrides={model_overrides}: {e}") from None
+
+
+def main(rank, world_size, device):
+    if dry_run:  # the model shape of `preset`: phases 2-3 continue phase 1's
+        return dryrun.dry_run(dryrun.preset_args(preset, model_overrides), {k: globals()[k] for k in config_keys},
+                              max_steps)
+    master = rank == 0
+    t_start = time.time()
+
+    # ---- inputs: check everything cheap before building anything
+    tokenizer, data_vocab, train_loader, val_loader = open_data(rank, world_size)
+    if init_from and not (os.path.exists(init_from) or is_hub_id(init_from)):
+        raise UsageError(f"init_from={init_from}: no such file or directory")
+    resume_path = find_checkpoint(resume, out_dir)
+    accum = grad_accum_for(global_batch_size, batch_size, world_size) if global_batch_size else grad_accum
+    args, init_state = starting_point(resume_path, rank, world_size)
     if block_size > args.max_seq_len:
         raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
-    if data_meta['vocab_size'] > args.vocab_size:
-        raise UsageError(f"the shards' tokenizer has {data_meta['vocab_size']} tokens, the model only {args.vocab_size}")
+    if data_vocab > args.vocab_size:
+        raise UsageError(f"the shards' tokenizer has {data_vocab} tokens, the model only {args.vocab_size}")
 
     config = {k: globals()[k] for k in config_keys}
     run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
