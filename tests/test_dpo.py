@@ -1,11 +1,9 @@
 """dpo.py on CPU: the pairs and the loss checked against a hand computation (each conversation
 forwarded alone), then real runs as subprocesses (training, the cached reference, kill and
 resume, torchrun, bad input) with a tiny model that uses Mistral's real 32k tokenizer."""
-import hashlib
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import trainer  # noqa: E402
 from dataloader import PairLoader  # noqa: E402
 from model import Transformer, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
-from training_runs import ENV, ROOT, start, wait_for  # noqa: E402
+from training_runs import ROOT, assert_one_line_errors, start, tree_digest, wait_for  # noqa: E402
 from weights import load_model, save_checkpoint  # noqa: E402
 
 LN2 = math.log(2)
@@ -305,10 +303,6 @@ def test_bad_rows_are_named(mistral, tmp_path, expected, rows):
     assert expected in str(e.value) and str(data) in str(e.value)
 
 
-def tree_digest(path):
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob('*')) if p.is_file()}
-
-
 def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, tmp_path):
     """A finished run's out_dir: neither a bad row nor a run whose reference log-probs would differ
     (other data: refused, not recomputed over the cache) may touch it."""
@@ -324,11 +318,7 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, tmp_pa
                                                              f'--out_dir={finished}'], wait=False)
     procs["init_from=out/none.pt: no such file or directory (the demo tunes the SFT demo model: run `python sft.py` first)"] = \
         start('dpo.py', ['--init_from=out/none.pt', f'--out_dir={tmp_path / "new"}'], wait=False)
-    for expected, p in procs.items():
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2, err
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
+    assert_one_line_errors(procs)
     assert tree_digest(finished) == before
     assert not (tmp_path / 'new').exists()
 

@@ -2,7 +2,6 @@
 subprocesses (one process, torchrun, kill and resume, bad input) with a tiny model first taught to
 answer small sums as \\boxed{N} with Mistral's real 32k tokenizer."""
 import copy
-import hashlib
 import json
 import math
 import shutil
@@ -20,7 +19,7 @@ import grpo  # noqa: E402  (importing it runs nothing: the run is under __main__
 from eval import math_reward  # noqa: E402
 from model import Transformer, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
-from training_runs import ENV, ROOT, start, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_one_line_errors, start, tree_digest, wait_for  # noqa: E402
 from weights import save_checkpoint  # noqa: E402
 
 SUMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(1, 5)]
@@ -283,10 +282,6 @@ def test_kill_then_resume_continues_with_the_same_rollouts(reference, sums_model
         assert {k: record[k] for k in LOGGED} == {k: expected[step][k] for k in LOGGED}, step
 
 
-def tree_digest(path):
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob('*')) if p.is_file()}
-
-
 def test_bad_input_stops_with_one_line_and_loses_nothing(reference, sums_model, problems, tmp_path):
     out, _, _ = reference
     finished = tmp_path / 'finished'
@@ -311,11 +306,7 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, sums_model, 
           "`python sft.py --dataset=arithmetic --out_dir=out/sft_arithmetic` first)"] = subprocess.Popen(
         [sys.executable, 'grpo.py', '--init_from=out/none.pt', f'--out_dir={tmp_path / "new"}'],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for expected, p in procs.items():
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2, err
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
+    assert_one_line_errors(procs)
     assert tree_digest(finished) == before
     assert not (tmp_path / 'new').exists()
 

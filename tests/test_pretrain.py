@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import configurator  # noqa: E402
 import trainer  # noqa: E402
-from training_runs import ENV, ROOT, assert_same_numbers, logged_numbers, losses, start, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_one_line_errors, assert_same_numbers, logged_numbers, losses, start, wait_for  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from model import Transformer, generate, model_args  # noqa: E402
 from weights import load_model  # noqa: E402
@@ -291,9 +291,5 @@ def test_bad_inputs_fail_with_one_line(data_dir, tmp_path):
         procs[expected] = subprocess.Popen(  # the later --data_dir wins
             [sys.executable, 'pretrain.py', *TINY, f'--out_dir={tmp_path / "out"}', f'--data_dir={data_dir}', *extra],
             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for expected, p in procs.items():
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 2, err
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
+    assert_one_line_errors(procs, timeout=120)
     assert not (tmp_path / 'out' / 'checkpoints').exists()

@@ -1,7 +1,6 @@
 """sft.py on CPU: the batches and their loss checked by hand, then real runs as subprocesses
 (fine-tune, chat with sample.py, kill and resume, torchrun, bad input) with a tiny model
 that uses Mistral's real 32k tokenizer."""
-import hashlib
 import json
 import shutil
 import signal
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trainer  # noqa: E402
 import chats as chat_data  # noqa: E402
 from dataloader import ChatLoader  # noqa: E402  (importing it runs nothing: the run is under __main__)
-from training_runs import ENV, ROOT, assert_same_numbers, logged_numbers, losses, start, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_one_line_errors, assert_same_numbers, logged_numbers, losses, start, tree_digest, wait_for  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
 from model import Transformer, model_args  # noqa: E402
 from weights import save_checkpoint  # noqa: E402
@@ -329,10 +328,6 @@ def test_torchrun_two_ranks_matches_one_process(reference, tiny, chats, tmp_path
     assert_same_numbers(two_ranks, logged_numbers(out))
 
 
-def tree_digest(path):
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob('*')) if p.is_file()}
-
-
 def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, tmp_path):
     out, _, _ = reference
     finished = tmp_path / 'finished'
@@ -361,10 +356,6 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, tiny, tmp_pa
     procs["init_from=out/none.pt: no such file or directory (the demo fine-tunes the demo model: run `python pretrain.py` first)"] = \
         subprocess.Popen([sys.executable, 'sft.py', '--init_from=out/none.pt', f'--out_dir={tmp_path / "new"}'],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for expected, p in procs.items():
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2, err
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
+    assert_one_line_errors(procs)
     assert tree_digest(finished) == before
     assert not (tmp_path / 'new').exists()

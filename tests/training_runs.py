@@ -1,5 +1,7 @@
-"""What the tests of pretrain.py and sft.py share: running a training script as a subprocess
-(alone or under torchrun), reading the losses it logged, and waiting for it to get somewhere."""
+"""What the tests of the training stages share: running a stage as a subprocess (alone or under
+torchrun), reading the numbers it logged, waiting for it to get somewhere, and checking that bad
+input ends in one line and leaves a finished out_dir as it was."""
+import hashlib
 import json
 import os
 import subprocess
@@ -58,3 +60,18 @@ def wait_for(predicate, proc, timeout=120):
         assert proc.poll() is None, f"run ended early: {proc.communicate()}"
         assert time.time() - t0 < timeout, "timed out"
         time.sleep(0.005)
+
+
+def tree_digest(path):
+    """{relative path: sha256} of every file under path: equal digests, nothing written or lost."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob('*')) if p.is_file()}
+
+
+def assert_one_line_errors(procs, timeout=300):
+    """{expected text: running Popen}: each process ends with exit code 2 and one stderr line
+    'error: ...' containing its expected text."""
+    for expected, p in procs.items():
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
