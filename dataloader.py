@@ -145,12 +145,18 @@ class ChatLoader:
                     batch_size=self.batch_size, conversations=self.conversations, tokens=len(self.ids))
 
     def load_state_dict(self, state):
-        mine = self.state_dict()
-        for key in ('seed', 'world_size', 'batch_size', 'conversations', 'tokens'):
-            if state[key] != mine[key]:
-                raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
-                                 f"same data and settings, or start a new out_dir")
-        self.epoch, self.step = state['epoch'], state['step']
+        resume_position(self, state)
+
+
+def resume_position(loader, state):
+    """Continue `loader` (ChatLoader, PairLoader) where its saved state_dict left off; a ValueError
+    naming the setting when the data or batching differ from the checkpoint's."""
+    mine = loader.state_dict()
+    for key in [k for k in mine if k not in ('epoch', 'step')]:  # the settings, in a fixed order
+        if state[key] != mine[key]:
+            raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
+                             f"same data and settings, or start a new out_dir")
+    loader.epoch, loader.step = state['epoch'], state['step']
 
 
 class PairLoader:
@@ -197,9 +203,4 @@ class PairLoader:
                     batch_size=self.batch_size, pairs=self.pairs, tokens=len(self.ids))
 
     def load_state_dict(self, state):
-        mine = self.state_dict()
-        for key in ('seed', 'world_size', 'batch_size', 'pairs', 'tokens'):
-            if state[key] != mine[key]:
-                raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
-                                 f"same data and settings, or start a new out_dir")
-        self.epoch, self.step = state['epoch'], state['step']
+        resume_position(self, state)

@@ -19,7 +19,7 @@ import trainer  # noqa: E402
 from dataloader import PairLoader  # noqa: E402
 from model import Transformer, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
-from training_runs import ROOT, assert_one_line_errors, start, tree_digest, wait_for  # noqa: E402
+from training_runs import ROOT, assert_one_line_errors, start, tree_digest, wait_for, write_jsonl  # noqa: E402
 from weights import load_model, save_checkpoint  # noqa: E402
 
 LN2 = math.log(2)
@@ -52,13 +52,8 @@ ARGS = ['--block_size=64', '--heldout_pairs=2', '--batch_size=2', '--grad_accum=
 STEPS = 16
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The hand computations run many tiny forwards: one thread, rather than two spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the hand computations run many tiny forwards: one thread (tests/conftest.py), not two spinning
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
@@ -78,11 +73,6 @@ def tiny(tmp_path_factory):
     """A random tiny model with the full Mistral vocabulary, saved as this project's checkpoint."""
     path = tmp_path_factory.mktemp('init') / 'tiny.pt'
     save_checkpoint(str(path), tiny_model(0), 'mistral')
-    return path
-
-
-def write_jsonl(path, rows):
-    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
     return path
 
 

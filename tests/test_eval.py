@@ -301,15 +301,6 @@ def train_gsm8k_model(path, steps=100):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models on a shared machine run several times faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def gsm8k_dir(tmp_path_factory, one_thread):
     path = tmp_path_factory.mktemp("gsm8k_model")
     assert train_gsm8k_model(path) < 1.0

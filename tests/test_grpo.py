@@ -19,7 +19,7 @@ import grpo  # noqa: E402  (importing it runs nothing: the run is under __main__
 from eval import math_reward  # noqa: E402
 from model import Transformer, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
-from training_runs import ENV, ROOT, assert_one_line_errors, start, tree_digest, wait_for  # noqa: E402
+from training_runs import ENV, ROOT, assert_one_line_errors, start, tree_digest, wait_for, write_jsonl  # noqa: E402
 from weights import save_checkpoint  # noqa: E402
 
 SUMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(1, 5)]
@@ -63,11 +63,6 @@ def sums_model(mistral, tmp_path_factory):
         optimizer.zero_grad()
     path = tmp_path_factory.mktemp('init') / 'sums.pt'
     save_checkpoint(str(path), model, 'mistral')
-    return path
-
-
-def write_jsonl(path, rows):
-    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
     return path
 
 

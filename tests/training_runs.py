@@ -75,3 +75,9 @@ def assert_one_line_errors(procs, timeout=300):
         assert p.returncode == 2, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, as the stages read .jsonl data."""
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return path
