@@ -481,19 +481,15 @@ def score_unit(model, questions, batch_size, progress):
       1. the `shared` tokens that begin every request of the unit (MMLU: a subject's header
          and shots) are prefilled once into a one-row cache;
       2. the requests of a question agree up to its context's end; a batch of questions runs
-         their contexts as one forward pass from that cache, a row each, up to a common
-         fan-out point E;
+         their contexts as one forward pass from that cache, a row each;
       3. each context row is then copied once per request (KVCache.select) and the rest of
-         every request, inputs[E:], runs as one right-padded batch.
-    The cache holds one position for all its rows, so every row of a batch must stop at the
-    same E: it is the shortest context's end in the batch, and what a longer context has
-    past E is recomputed in each of its request rows. Questions are sorted by their longest
-    request, so a batch's rows are close in length and little is padded or recomputed.
-    Padding is only ever on the right, where causal attention keeps it from every real token.
-    A question whose requests all end with its context (MMLU: the answer is one letter,
-    predicted from the context's last position) needs no cache past it, so such questions
-    batch with their contexts right-padded instead. Logits (a dim x vocab matmul per token)
-    are computed only at the scored positions."""
+         every request, its tail past the context, runs as one batch.
+    Rows of different lengths are right-padded and passed with their lengths
+    (Transformer.hidden): the padding costs no matmul and never enters the cache, so each row
+    computes exactly its own tokens. A question whose requests all end with its context (MMLU:
+    the answer is one letter, predicted from the context's last position) has no tails.
+    Logits (a dim x vocab matmul per token) are computed only at the scored positions.
+    Questions go in the harness's order, longest request first."""
     weight = model.tok_embeddings.weight
     requests = [r for q in questions for r in q]
     # stop before the first scored position: the shared tokens' hidden states are never read
@@ -504,56 +500,50 @@ def score_unit(model, questions, batch_size, progress):
         model.hidden(torch.tensor([requests[0][0][:shared]], device=weight.device), base)
 
     ends = [common_prefix_len([inputs for inputs, _ in q]) for q in questions]
-    no_tail = [all(len(inputs) <= end for inputs, _ in q) for q, end in zip(questions, ends)]
-    # cache rows a question needs when it fans out at E: one per request that goes past E
-    rows = lambda i, E: max(1, sum(len(inputs) > E for inputs, _ in questions[i]))
-    # where a batch fans out: its shortest context's end, or, with no tails, its longest (right-padded)
-    fan_out = lambda batch: (max if no_tail[batch[0]] else min)(ends[i] for i in batch)
-    # longest request first, as the harness sorts: a batch's rows are then close in length and
-    # pad little (sorted by context instead, PIQA's answers of a few words or a paragraph would pad)
-    order = sorted(range(len(questions)), key=lambda i: (max(len(r[0]) for r in questions[i]), ends[i]), reverse=True)
+    # cache rows a question needs: its context's, then one per request that goes past it
+    rows = [max(1, sum(len(inputs) > end for inputs, _ in q)) for q, end in zip(questions, ends)]
+    order = sorted(range(len(questions)), key=lambda i: max(len(r[0]) for r in questions[i]), reverse=True)
     scores = [None] * len(questions)
     while order:
-        # the next questions of the same kind (tails or none) whose rows fit in batch_size;
-        # the first question always fits
-        batch = [order.pop(0)]
-        while order and no_tail[order[0]] == no_tail[batch[0]]:
-            end = fan_out(batch + order[:1])
-            if sum(rows(i, end) for i in batch + order[:1]) > batch_size:
-                break
+        batch = [order.pop(0)]  # the first question always fits
+        while order and sum(rows[i] for i in batch + order[:1]) <= batch_size:
             batch.append(order.pop(0))
-        end = fan_out(batch)
-        for i, lls in zip(batch, score_batch(model, base, shared, end, [questions[i] for i in batch])):
+        for i, lls in zip(batch, score_batch(model, base, shared, [ends[i] for i in batch],
+                                             [questions[i] for i in batch])):
             scores[i] = lls
         progress.update(len(batch))
     return scores
 
 
-def score_batch(model, base, shared, end, questions):
-    """Score questions whose requests agree on inputs[:end]; base holds inputs[:shared]."""
+def score_batch(model, base, shared, ends, questions):
+    """Score questions whose requests agree on inputs[:end] (one end per question) past the
+    `shared` tokens that base holds."""
     device = model.tok_embeddings.weight.device
     tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)
     cache = base.select([0] * len(questions))
-    hidden = []  # the hidden states scored tokens read from, flattened to [tokens, dim]
-    context_len = end - shared
-    if context_len:
-        # right-padded to the longest: causal, so padding after a row's last token changes nothing before it
-        contexts = [q[0][0][shared:end] for q in questions]
-        contexts = tensor([c + [0] * (context_len - len(c)) for c in contexts])
-        hidden.append(model.hidden(contexts, cache).flatten(0, 1))
-    tails = [[inputs[end:] for inputs, _ in q if len(inputs) > end] for q in questions]
-    width = max((len(t) for q in tails for t in q), default=0)
-    if width:
-        cache = cache.select([i for i, q in enumerate(tails) for _ in q])  # each context fans out to its choices
-        # causal attention: the padding after a row's last token changes nothing before it
-        padded = tensor([t + [0] * (width - len(t)) for q in tails for t in q])
-        hidden.append(model.hidden(padded, cache).flatten(0, 1))
+
+    def run(rows, cache):  # hidden states of rows of any lengths, flattened to [rows x width, dim]
+        width = max(map(len, rows))
+        padded = tensor([r + [0] * (width - len(r)) for r in rows])
+        return model.hidden(padded, cache, lengths=[len(r) for r in rows]).flatten(0, 1), width
+
+    hidden = []  # the hidden states scored tokens read from
+    context_len = 0
+    if max(ends) > shared:
+        h, context_len = run([q[0][0][shared:end] for q, end in zip(questions, ends)], cache)
+        hidden.append(h)
+    tails = [[inputs[end:] for inputs, _ in q if len(inputs) > end] for q, end in zip(questions, ends)]
+    width = 0
+    if any(tails):
+        cache = cache.select([b for b, q in enumerate(tails) for _ in q])  # each context fans out to its tails
+        h, width = run([t for q in tails for t in q], cache)
+        hidden.append(h)
 
     # where each scored position's hidden state is: the last len(target) input positions
-    # predict the targets; a position before `end` is in the question's context (row b),
+    # predict the targets; a position before its question's end is in the context (row b),
     # a later one in its request's tail (the `tail`-th tail row)
     index, targets, tail = [], [], 0
-    for b, q in enumerate(questions):
+    for b, (q, end) in enumerate(zip(questions, ends)):
         for inputs, target in q:
             for pos in range(len(inputs) - len(target), len(inputs)):
                 if pos < end:

@@ -143,16 +143,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, keep=None):
+        """x [B, T, dim], or with keep (boolean [B, T]) only the tokens it marks, [N, dim]: the
+        projections then run on those alone and attention alone sees the padded [B, T] layout."""
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if keep is not None:
+            q, k, v = (x.new_zeros(*keep.shape, t.shape[-1]).index_put_((keep,), t) for t in (q, k, v))
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
         if cache is not None:
             k, v = cache.keys_values(layer, k, v)
         y = attend(q, k, v, mask, causal=cache is None)  # no cache: the keys are the queries' own sequence
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.wo(y if keep is None else y[keep])
 
 
 class FeedForward(nn.Module):
@@ -176,8 +182,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, keep=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, keep)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -203,6 +209,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.pos = [0] * batch_size
         self.slots = None  # [B, T]: where keys_values puts the T new tokens of each row (see add)
+        self.real = None  # where some rows of the new tokens are padding: (rows, steps) of the real ones
 
     def filled(self):
         """Slots in use, per row."""
@@ -216,17 +223,21 @@ class KVCache:
         newest = slots + self.capacity * torch.div(seen - 1 - slots, self.capacity, rounding_mode="floor")
         return torch.where(slots < seen, newest, -1)
 
-    def add(self, T):
+    def add(self, T, lengths=None):
         """Take T <= capacity new tokens in every row (Transformer.hidden feeds longer prompts in
-        chunks): fix the slots keys_values writes them to and advance pos. Returns the new tokens'
+        chunks), or with lengths only the first lengths[b] of row b's T (the rest is padding, never
+        stored): fix the slots keys_values writes them to and advance pos. Returns the new tokens'
         positions [B, T] and the positions [B, Tk] of the keys that keys_values will return to
         them (see there), for the attention mask."""
-        if not self.rolls and max(self.pos) + T > self.capacity:
-            raise ValueError(f"KV cache full: {max(self.pos)} + {T} tokens exceed its {self.capacity} slots")
+        lengths = [T] * len(self.pos) if lengths is None else lengths
+        if not self.rolls and max(p + n for p, n in zip(self.pos, lengths)) > self.capacity:
+            raise ValueError(f"KV cache full: {max(self.pos)} + {max(lengths)} tokens exceed its {self.capacity} slots")
         seen, device = self.pos, self.k[0].device
         new_pos = torch.tensor(seen, device=device)[:, None] + torch.arange(T, device=device)
         self.slots = new_pos % self.capacity
-        self.pos = [p + T for p in seen]
+        self.real = None if min(lengths) == T else \
+            (torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]).nonzero(as_tuple=True)
+        self.pos = [p + n for p, n in zip(seen, lengths)]
         if T == 1:
             return new_pos, self.slot_positions(self.pos)[:, :max(self.filled())]
         return new_pos, torch.cat([self.slot_positions(seen), new_pos], dim=1)
@@ -239,17 +250,25 @@ class KVCache:
         may read, in slot order (attention does not care about order: RoPE is already applied).
         Several (prefill): the cached keys + the new ones, returned before the new ones overwrite
         slots that earlier queries of the same chunk still read; window_mask sorts them out."""
-        index = self.slots[:, None, :, None].expand_as(k)  # [B, T] -> one slot per key element
         if k.shape[2] == 1:
-            self.k[layer].scatter_(2, index, k)
-            self.v[layer].scatter_(2, index, v)
+            self._store(layer, k, v)
             n = max(self.filled())
             return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
         k_all = torch.cat([self.k[layer], k], dim=2)
         v_all = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
+        self._store(layer, k, v)
         return k_all, v_all
+
+    def _store(self, layer, k, v):
+        if self.real is None:
+            index = self.slots[:, None, :, None].expand_as(k)  # [B, T] -> one slot per key element
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
+        else:  # the real tokens alone: token (row, step) goes to its row's slot slots[row, step]
+            rows, steps = self.real
+            slots = self.slots[rows, steps]
+            self.k[layer][rows, :, slots] = k[rows, :, steps]
+            self.v[layer][rows, :, slots] = v[rows, :, steps]
 
     def select(self, rows):
         """A new cache whose row i is a copy of row rows[i]: one prefix, several continuations."""
@@ -310,28 +329,41 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight).float()
 
-    def hidden(self, idx, cache=None):
+    def hidden(self, idx, cache=None, lengths=None):
         """Final-norm hidden states [B, T, dim] of the tokens idx [B, T]. Without a cache the rows
         start at position 0; with one, row b continues from cache.pos[b] and the cache keeps the
         new keys/values, taking a prompt longer than its capacity in chunks of at most that many
-        tokens, so attention memory stays bounded."""
+        tokens, so attention memory stays bounded.
+        lengths: rows of different lengths, right-padded: row b is idx[b, :lengths[b]] and its
+        padding costs no matmul, is read by no real token (attention is causal) and is not
+        cached; its hidden states are 0."""
         if cache is None:
             positions = torch.arange(idx.shape[1], device=idx.device)[None]
-            return self.norm(self._blocks(idx, positions, positions, None))
+            return self.norm(self._blocks(idx, positions, positions, None, self._keep(idx, lengths)))
         chunks = []
-        for chunk in idx.split(cache.capacity, dim=1):
-            q_pos, k_pos = cache.add(chunk.shape[1])
-            chunks.append(self._blocks(chunk, q_pos, k_pos, cache))
+        for start in range(0, idx.shape[1], cache.capacity):
+            chunk = idx[:, start:start + cache.capacity]
+            part = None if lengths is None else [min(max(n - start, 0), chunk.shape[1]) for n in lengths]
+            q_pos, k_pos = cache.add(chunk.shape[1], part)
+            chunks.append(self._blocks(chunk, q_pos, k_pos, cache, self._keep(chunk, part)))
         return self.norm(torch.cat(chunks, dim=1))
 
-    def _blocks(self, idx, q_pos, k_pos, cache):
-        """The layers over tokens idx at positions q_pos [B, T] whose keys (cached and new) are at k_pos."""
+    @staticmethod
+    def _keep(idx, lengths):
+        """Boolean [B, T]: the real tokens of rows right-padded to T; None when every token is real."""
+        if lengths is None or min(lengths) == idx.shape[1]:
+            return None
+        return torch.arange(idx.shape[1], device=idx.device) < torch.tensor(lengths, device=idx.device)[:, None]
+
+    def _blocks(self, idx, q_pos, k_pos, cache, keep=None):
+        """The layers over tokens idx at positions q_pos [B, T] whose keys (cached and new) are at
+        k_pos; with keep, over the tokens it marks alone, as one [N, dim] matrix (see Attention)."""
         mask = self._mask(q_pos, k_pos, cache)
         cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
-        x = self.tok_embeddings(idx)
+        x = self.tok_embeddings(idx if keep is None else idx[keep])
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
-        return x
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i, keep)
+        return x if keep is None else x.new_zeros(*idx.shape, x.shape[-1]).index_put_((keep,), x)
 
     def _mask(self, q_pos, k_pos, cache):
         """The one place that decides the attention mask. None where attention needs none, so

@@ -172,11 +172,17 @@ def test_render_examples():
 def test_fast_scorer_equals_reference():
     """Shared prefix, contexts of different lengths batched together, fanned-out continuations
     (some sharing their first tokens), one-token answers that need no cache past the context,
-    a window of 8: every log-likelihood equals score_reference's one forward pass per request."""
-    torch.manual_seed(0)
-    model = Transformer(model_args("tiny"))
-    model.init_weights()
-    model.eval()
+    with a window of 8 (rows roll around the cache) and without one: every log-likelihood
+    equals score_reference's one forward pass per request."""
+    for window in (8, None):
+        torch.manual_seed(0)
+        model = Transformer(model_args("tiny", sliding_window=window))
+        model.init_weights()
+        model.eval()
+        check_fast_scorer(model)
+
+
+def check_fast_scorer(model):
     g = torch.Generator().manual_seed(1)
     rand = lambda n: torch.randint(3, 256, (n,), generator=g).tolist()
     prefix = rand(20)

@@ -137,6 +137,34 @@ def test_cache_expand_shares_a_prefix():
     assert (out - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("window", [8, None])
+@torch.no_grad()
+def test_rows_of_different_lengths_equal_each_row_alone(window):
+    """hidden(..., lengths=): right-padded rows, with and without a cache (rows at different
+    positions, continued past the window in a second call): each real token's hidden state
+    equals that row's own unpadded forward; padding is 0 and is not cached."""
+    model = tiny(sliding_window=window)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 256, (n,), generator=g) for n in (13, 5, 1, 20)]
+    more = [torch.randint(0, 256, (n,), generator=g) for n in (3, 9, 6, 1)]
+    pad = lambda rs: torch.stack([torch.cat([r, torch.zeros(max(map(len, rs)) - len(r), dtype=torch.long)]) for r in rs])
+    lengths, more_lengths = [len(r) for r in rows], [len(r) for r in more]
+    alone = [model.hidden(r[None])[0] for r in rows]
+    alone_more = [model.hidden(torch.cat([r, m])[None])[0, len(r):] for r, m in zip(rows, more)]
+
+    plain = model.hidden(pad(rows), lengths=lengths)
+    cache = M.KVCache(model.args, len(rows), "cpu", torch.float32)
+    first = model.hidden(pad(rows), cache, lengths=lengths)
+    assert cache.pos == lengths
+    second = model.hidden(pad(more), cache, lengths=more_lengths)
+    for out in (plain, first):
+        for b, n in enumerate(lengths):
+            assert (out[b, :n] - alone[b]).abs().max().item() < 1e-5
+            assert not out[b, n:].any()
+    for b, n in enumerate(more_lengths):
+        assert (second[b, :n] - alone_more[b]).abs().max().item() < 1e-5
+
+
 def test_rolling_slots():
     cache = M.KVCache(M.model_args("tiny"), 1, "cpu", torch.float32)  # 8 slots
     # after 11 tokens positions 3..10 are held, position p in slot p % 8; after 3, slots 0..2
