@@ -230,8 +230,10 @@ class KVCache:
         positions [B, T] and the positions [B, Tk] of the keys that keys_values will return to
         them (see there), for the attention mask."""
         lengths = [T] * len(self.pos) if lengths is None else lengths
-        if not self.rolls and max(p + n for p, n in zip(self.pos, lengths)) > self.capacity:
-            raise ValueError(f"KV cache full: {max(self.pos)} + {max(lengths)} tokens exceed its {self.capacity} slots")
+        b = max(range(len(lengths)), key=lambda b: self.pos[b] + lengths[b])  # the fullest row
+        if not self.rolls and self.pos[b] + lengths[b] > self.capacity:
+            raise ValueError(f"KV cache full: row {b} holds {self.pos[b]} tokens, and {lengths[b]} more "
+                             f"exceed its {self.capacity} slots")
         seen, device = self.pos, self.k[0].device
         new_pos = torch.tensor(seen, device=device)[:, None] + torch.arange(T, device=device)
         self.slots = new_pos % self.capacity
