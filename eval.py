@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import KVCache, generate
+from model import KVCache, check_sampling, generate
 from tokenizer import Tokenizer, encode_chat
 from weights import load_model
 
@@ -786,8 +786,10 @@ def check_args(args):
         raise EvalError("--limit, --batch_size and --samples must be positive")
     if args.max_gen_toks is not None and args.max_gen_toks < 1:
         raise EvalError(f"--max_gen_toks must be positive, got {args.max_gen_toks}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise EvalError(f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}")
+    try:
+        check_sampling(0, args.temperature, 0, args.top_p)
+    except ValueError as e:
+        raise EvalError(f"--{e}") from None
     if args.samples > 1 and args.temperature == 0:
         raise EvalError("--samples > 1 needs --temperature > 0: greedy completions are all the same")
     if args.log_samples and not args.out:

@@ -187,6 +187,14 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def real_tokens(T, lengths, device):
+    """Boolean [B, T]: the first lengths[b] tokens of row b are real, the rest padding; None
+    when every row is T long (nothing to leave out)."""
+    if lengths is None or min(lengths) == T:
+        return None
+    return torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]
+
+
 class KVCache:
     """
     Rolling-buffer cache: `capacity` slots per layer and row, and the key/value of absolute
@@ -237,8 +245,8 @@ class KVCache:
         seen, device = self.pos, self.k[0].device
         new_pos = torch.tensor(seen, device=device)[:, None] + torch.arange(T, device=device)
         self.slots = new_pos % self.capacity
-        self.real = None if min(lengths) == T else \
-            (torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]).nonzero(as_tuple=True)
+        real = real_tokens(T, lengths, device)
+        self.real = None if real is None else real.nonzero(as_tuple=True)
         self.pos = [p + n for p, n in zip(seen, lengths)]
         if T == 1:
             return new_pos, self.slot_positions(self.pos)[:, :max(self.filled())]
@@ -341,21 +349,15 @@ class Transformer(nn.Module):
         cached; its hidden states are 0."""
         if cache is None:
             positions = torch.arange(idx.shape[1], device=idx.device)[None]
-            return self.norm(self._blocks(idx, positions, positions, None, self._keep(idx, lengths)))
+            keep = real_tokens(idx.shape[1], lengths, idx.device)
+            return self.norm(self._blocks(idx, positions, positions, None, keep))
         chunks = []
         for start in range(0, idx.shape[1], cache.capacity):
             chunk = idx[:, start:start + cache.capacity]
             part = None if lengths is None else [min(max(n - start, 0), chunk.shape[1]) for n in lengths]
             q_pos, k_pos = cache.add(chunk.shape[1], part)
-            chunks.append(self._blocks(chunk, q_pos, k_pos, cache, self._keep(chunk, part)))
+            chunks.append(self._blocks(chunk, q_pos, k_pos, cache, real_tokens(chunk.shape[1], part, idx.device)))
         return self.norm(torch.cat(chunks, dim=1))
-
-    @staticmethod
-    def _keep(idx, lengths):
-        """Boolean [B, T]: the real tokens of rows right-padded to T; None when every token is real."""
-        if lengths is None or min(lengths) == idx.shape[1]:
-            return None
-        return torch.arange(idx.shape[1], device=idx.device) < torch.tensor(lengths, device=idx.device)[:, None]
 
     def _blocks(self, idx, q_pos, k_pos, cache, keep=None):
         """The layers over tokens idx at positions q_pos [B, T] whose keys (cached and new) are at
