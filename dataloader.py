@@ -149,8 +149,9 @@ class ChatLoader:
 
 
 def resume_position(loader, state):
-    """Continue `loader` (ChatLoader, PairLoader) where its saved state_dict left off; a ValueError
-    naming the setting when the data or batching differ from the checkpoint's."""
+    """Continue `loader` (ChatLoader, PairLoader, grpo.py's PromptLoader: a state_dict of epoch, step
+    and the settings) where its saved state_dict left off; a ValueError naming the setting when the
+    data or batching differ from the checkpoint's."""
     mine = loader.state_dict()
     for key in [k for k in mine if k not in ('epoch', 'step')]:  # the settings, in a fixed order
         if state[key] != mine[key]:

@@ -55,9 +55,8 @@ from tqdm import tqdm
 from chats import chat_tokenizer, describe_skipped, load_pairs
 from configurator import settings
 from dataloader import PairLoader
-from model import ModelArgs
-from trainer import (Run, UsageError, autocast_context, build_model, build_optimizer, checkpoint_meta, describe_model,
-                     find_checkpoint, grad_accum_for, launch, lr_at, read_init_weights, train_step)
+from trainer import (Run, UsageError, autocast_context, build_model, build_optimizer, check_hf_export, describe_model,
+                     find_checkpoint, grad_accum_for, launch, lr_at, starting_weights, token_logprobs, train_step)
 from weights import fetch_from_hub, is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
@@ -98,9 +97,7 @@ config_keys = settings(globals())
 
 def sequence_logps(model, x, y):
     """Each row's summed log-probability of its target tokens (y != -1) [2B], and their number [2B]."""
-    logits, _ = model(x)
-    token_logps = -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none')
-    return token_logps.view(y.shape).sum(-1), (y != -1).sum(-1)
+    return token_logprobs(model, x, y).sum(-1), (y != -1).sum(-1)
 
 
 def preference_terms(policy, reference, counts, beta, loss_type):
@@ -227,15 +224,9 @@ def main(rank, world_size, device):
     init_path = fetch_from_hub(init_from) if is_hub_id(init_from) else init_from  # the files it fingerprints
     resume_path = find_checkpoint(resume, out_dir)
     accum = grad_accum_for(global_batch_size, batch_size, world_size, 'pairs') if global_batch_size else grad_accum
-    init_state = None
-    if resume_path:
-        saved = checkpoint_meta(resume_path)
-        args, tokenizer_spec = ModelArgs(**saved['model_args']), saved['tokenizer']
-    else:
-        args, init_state, tokenizer_spec = read_init_weights(init_path, rank, world_size)
+    args, init_state, tokenizer_spec = starting_weights(resume_path, init_path, rank, world_size)
     tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
-    if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
-        raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
+    check_hf_export(tokenizer, export_hf)
     if loss_type not in ('dpo_norm', 'dpo'):
         raise UsageError(f"loss_type={loss_type!r}: expected 'dpo_norm' or 'dpo'")
 

@@ -46,17 +46,17 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from chats import chat_tokenizer, math_prompt, rows
 from configurator import settings
+from dataloader import resume_position
 from eval import math_reward
 from model import Transformer, generate
 from tokenizer import encode_chat
 from weights import is_hub_id
-from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
-                     launch, lr_at, read_init_weights, train_step)
+from trainer import (Run, UsageError, build_model, build_optimizer, check_hf_export, checkpoint_meta, describe_model,
+                     find_checkpoint, launch, lr_at, read_init_weights, token_logprobs, train_step)
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
 init_from = 'out/sft_arithmetic/final.pt'  # the policy's start and the frozen reference (sft.py --dataset=arithmetic)
@@ -149,12 +149,7 @@ class PromptLoader:
                     n_prompts=self.n_prompts, prompts_per_step=self.prompts_per_step)
 
     def load_state_dict(self, state):
-        mine = self.state_dict()
-        for key in ('seed', 'world_size', 'n_prompts', 'prompts_per_step'):
-            if state[key] != mine[key]:
-                raise ValueError(f"{key}: the checkpoint has {state[key]}, this run {mine[key]}; resume with the "
-                                 f"same data and settings, or start a new out_dir")
-        self.epoch, self.step = state['epoch'], state['step']
+        resume_position(self, state)
 
 
 # ----------------------------------------------------------------------------- 1. rollout
@@ -226,12 +221,6 @@ def mini_batches_of(prompts, places, groups, advantages, pad_id):
 
 
 # ----------------------------------------------------------------------------- 4. the loss
-
-def token_logprobs(model, x, y):
-    """log pi(y_t | x_<=t) at every position, 0 where y = -1."""
-    logits, _ = model(x)
-    return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none').view_as(y)
-
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef):
     """The GRPO loss of a batch of completions, summed over its response tokens (mask):
@@ -325,7 +314,9 @@ def read_start(rank, world_size):
     args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
     if resume_path and checkpoint_meta(resume_path)['model_args'] != asdict(args):
         raise UsageError(f"{resume_path} holds a model of another shape than init_from={init_from}")
-    return args, init_state, chat_tokenizer(tokenizer_spec, args, block_size), resume_path
+    tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
+    check_hf_export(tokenizer, export_hf)
+    return args, init_state, tokenizer, resume_path
 
 
 def main(rank, world_size, device):

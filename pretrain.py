@@ -24,10 +24,10 @@ from dataclasses import asdict
 import dryrun
 from configurator import settings
 from dataloader import PackedLoader
-from model import ModelArgs, model_args
+from model import model_args
 from tokenizer import Tokenizer
-from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, evaluate,
-                     find_checkpoint, grad_accum_for, launch, lm_loss, lr_at, read_init_weights, train_step)
+from trainer import (Run, UsageError, build_model, build_optimizer, check_hf_export, describe_model, evaluate,
+                     find_checkpoint, grad_accum_for, launch, lm_loss, lr_at, starting_weights, train_step)
 from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= config/demo.py)
@@ -84,8 +84,7 @@ def open_data(rank, world_size):
     with open(os.path.join(data_dir, 'meta.json')) as f:
         data_meta = json.load(f)
     tokenizer = Tokenizer.load(data_meta['tokenizer'])
-    if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
-        raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
+    check_hf_export(tokenizer, export_hf)
     try:
         train_loader = PackedLoader(data_dir, 'train', block_size, batch_size, rank, world_size, seed)
         val_loader = None
@@ -104,10 +103,8 @@ def open_data(rank, world_size):
 def starting_point(resume_path, rank, world_size):
     """The model's shape and starting weights: our own checkpoint (resume) > init_from > random.
     -> (ModelArgs, full state dict on rank 0 or None for random init / resume)."""
-    if resume_path:
-        return ModelArgs(**checkpoint_meta(resume_path)['model_args']), None
-    if init_from:
-        args, init_state, _ = read_init_weights(init_from, rank, world_size)
+    if resume_path or init_from:
+        args, init_state, _ = starting_weights(resume_path, init_from, rank, world_size)
         return args, init_state
     try:
         return model_args(preset, **model_overrides), None

@@ -40,9 +40,8 @@ import dryrun
 from chats import chat_tokenizer, describe_skipped, load_conversations
 from configurator import settings
 from dataloader import ChatLoader
-from model import ModelArgs
-from trainer import (Run, UsageError, build_model, build_optimizer, checkpoint_meta, describe_model, find_checkpoint,
-                     grad_accum_for, launch, lm_loss, lr_at, read_init_weights, train_step)
+from trainer import (Run, UsageError, build_model, build_optimizer, check_hf_export, describe_model, find_checkpoint,
+                     grad_accum_for, launch, lm_loss, lr_at, starting_weights, train_step)
 from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
@@ -106,18 +105,12 @@ def main(rank, world_size, device):
     # ---- the model's shape and tokenizer: from our own checkpoint when resuming, else from init_from
     resume_path = find_checkpoint(resume, out_dir)
     accum = grad_accum_for(global_batch_size, batch_size, world_size, 'conversations') if global_batch_size else grad_accum
-    init_state = None
-    if resume_path:
-        saved = checkpoint_meta(resume_path)
-        args, tokenizer_spec = ModelArgs(**saved['model_args']), saved['tokenizer']
-    elif not (os.path.exists(init_from) or is_hub_id(init_from)):
+    if not resume_path and not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo fine-tunes the demo "
                          f"model: run `python pretrain.py` first)")
-    else:
-        args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
+    args, init_state, tokenizer_spec = starting_weights(resume_path, init_from, rank, world_size)
     tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
-    if export_hf and tokenizer.kind == 'tiktoken':  # found out now rather than after the run
-        raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
+    check_hf_export(tokenizer, export_hf)
 
     # ---- the data, in full, before anything is built or written
     ids, mask, offsets, skipped = load_conversations(dataset, tokenizer, block_size, workers)

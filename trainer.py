@@ -107,6 +107,21 @@ def read_init_weights(path, rank, world_size):
     return ModelArgs(**args), state, tokenizer_spec
 
 
+def starting_weights(resume_path, init_from, rank, world_size):
+    """The model's shape, starting weights and tokenizer: our own checkpoint's when resuming (Run.start
+    loads its weights), else init_from's. -> (ModelArgs, state dict or None, tokenizer spec)."""
+    if resume_path:
+        saved = checkpoint_meta(resume_path)
+        return ModelArgs(**saved['model_args']), None, saved['tokenizer']
+    return read_init_weights(init_from, rank, world_size)
+
+
+def check_hf_export(tokenizer, export_hf):
+    """export_hf needs a tokenizer HF can load: found out before the run rather than after it."""
+    if export_hf and tokenizer.kind == 'tiktoken':
+        raise UsageError(f"export_hf: tokenizer {tokenizer.spec} cannot be saved in HF format")
+
+
 def fsdp_precision(device_type):
     """FSDP2's precision on a device: on CUDA compute in bf16 (each block's weights are all-gathered
     as bf16) while the weights, the gradient reduction and the optimizer stay fp32; CPU computes in
@@ -217,6 +232,12 @@ def lm_loss(model, batch):
     logits, _ = model(x)
     loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction='sum')
     return loss_sum, (y != -1).sum(), {}
+
+
+def token_logprobs(model, x, y):
+    """log p(y_t | x_<=t) at every position [B, T], 0 where y = -1 (DPO and GRPO score responses with it)."""
+    logits, _ = model(x)
+    return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none').view_as(y)
 
 
 def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip):
