@@ -137,36 +137,33 @@ def math_prompt(problem):
 
 
 ARITHMETIC_SIZES = {'train': 800, 'heldout': 200}  # 800 x 6 epochs / 16 = sft.py's 300 demo steps
-NAMES = ('Ada', 'Ben', 'Cleo', 'Dan', 'Eva', 'Finn', 'Gus', 'Hana', 'Ivo', 'Jade', 'Kai', 'Lena')
+NAMES = {'train': ('Ada', 'Ben', 'Cleo', 'Dan', 'Eva', 'Finn', 'Gus', 'Hana', 'Ivo'), 'heldout': ('Jade', 'Kai', 'Lena')}
 THINGS = ('apples', 'books', 'coins', 'marbles', 'pens', 'shells', 'stamps', 'cards', 'eggs', 'stones')
 
 
 def arithmetic_problems(split):
-    """The offline math demo: small word problems ("Ada has 12 pens and gets 7 more. How many pens
-    does Ada have now?") with a one-line worked solution ending in \boxed{19}, as rows
+    """The offline math demo: one-digit word problems ("Ada has 7 pens and gets 5 more. How many pens
+    does Ada have now?") with a one-line worked solution ending in \\boxed{12}, as rows
     {problem, answer, messages}: grpo.py reads problem/answer (DeepScaleR's schema), sft.py the
-    conversation. Problem n is drawn by random.Random(n), so the data never changes. A sum, difference
-    or product whose numbers hash into one tenth of all is 'heldout', never 'train', so held-out
-    problems ask arithmetic the model has not been trained on in any wording."""
-    want, n = ARITHMETIC_SIZES[split], 0
-    while want:
-        rng, n = random.Random(n), n + 1
-        name, things, kind = rng.choice(NAMES), rng.choice(THINGS), rng.choice('+-*')
+    conversation. The calculations are the 226 one-digit facts: a + b and a x b of digits (1-9; 2-9 for
+    products), and (a + b) - b. Problem n of a split is drawn by random.Random(f"{split}{n}"), so the
+    data never changes. The 'heldout' problems are about people no 'train' problem names: the same
+    facts, asked in sentences never trained on."""
+    for n in range(ARITHMETIC_SIZES[split]):
+        rng = random.Random(f"{split}{n}")
+        name, things, kind = rng.choice(NAMES[split]), rng.choice(THINGS), rng.choice('+-*')
         if kind == '+':
-            a, b = rng.randint(2, 30), rng.randint(2, 30)
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
             problem = f"{name} has {a} {things} and gets {b} more. How many {things} does {name} have now?"
         elif kind == '-':
-            a = rng.randint(5, 40)
-            b = rng.randint(1, a - 1)
+            b, c = rng.randint(1, 9), rng.randint(1, 9)
+            a = b + c
             problem = f"{name} has {a} {things} and gives away {b}. How many {things} does {name} have left?"
         else:
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
             problem = f"{name} has {a} bags with {b} {things} in each. How many {things} does {name} have?"
-        if (zlib.crc32(f"{a}{kind}{b}".encode()) % 10 == 0) != (split == 'heldout'):
-            continue
         answer = str({'+': a + b, '-': a - b, '*': a * b}[kind])
         solution = f"{a} {kind.replace('*', 'x')} {b} = {answer}. The answer is \\boxed{{{answer}}}."
-        want -= 1
         yield {'problem': problem, 'answer': answer,
                'messages': math_prompt(problem) + [{'role': 'assistant', 'content': solution}]}
 

@@ -31,8 +31,9 @@ Data (`dataset`, read by chats.rows): rows {problem, answer} (DeepScaleR's schem
     'arithmetic'            offline: chats.arithmetic_problems('train'), the demo task sft.py learned
     a path ending in .jsonl one problem per line
     anything else           a Hugging Face dataset, e.g. agentica-org/DeepScaleR-Preview-Dataset
-`eval_dataset` (e.g. 'arithmetic:heldout', problems never trained on) is answered greedily before
-and after training; its accuracy goes to the terminal and log.jsonl.
+`eval_dataset` (e.g. 'arithmetic:heldout', problems in sentences never trained on) is answered
+before and after training, greedily and eval_samples times sampled as in the rollouts; both
+accuracies go to the terminal and log.jsonl.
 
 Bad input stops the run before anything is written, naming the row: a row without its problem or
 answer, an answer the grader cannot match even to itself; a prompt that leaves fewer than
@@ -63,6 +64,7 @@ init_from = 'out/sft_arithmetic/final.pt'  # the policy's start and the frozen r
 dataset = 'arithmetic'          # 'arithmetic', a .jsonl file, or a Hugging Face dataset of {problem, answer} rows
 eval_dataset = 'arithmetic:heldout'  # answered greedily before and after training; '' = none
 eval_limit = 200                # problems of eval_dataset to answer
+eval_samples = 8                # and sampled eval_samples times each (at temperature / top_p); 0 = greedy only
 block_size = 128                # prompt + response tokens
 max_new_tokens = 32             # the longest response; prompts longer than block_size - max_new_tokens are skipped
 # one step: prompts_per_step prompts x group_size sampled completions, over all ranks
@@ -79,7 +81,7 @@ mini_batches = 1                # optimizer steps per pass; 1 x 1 = on-policy
 micro_batch_size = 32           # completions per forward/backward (memory only: the step is the same)
 # optimizer and schedule
 max_steps = 40
-lr = 5e-5
+lr = 2e-4
 warmup_steps = 0
 min_lr_ratio = 1.0              # 1.0 = constant after warmup (verl's default); else cosine down to it
 weight_decay = 0.0
@@ -269,16 +271,28 @@ def update(policy, optimizer, minis, loss_fn, step_lr):
 
 # ----------------------------------------------------------------------------- held-out accuracy
 
-def greedy_accuracy(model, problems, tokenizer, rank, world_size, device):
-    """Greedy accuracy on problems (prompt ids, answer) through eval.math_reward; rank r answers every
-    world_size-th problem."""
-    mine = problems[rank::world_size]
-    completions = generate(model, [p for p, _ in mine], max_new_tokens, eos_id=tokenizer.eos_id) if mine else []
-    counts = torch.tensor([sum(math_reward(tokenizer.decode(c), a) for c, (_, a) in zip(completions, mine)),
-                           len(mine)], dtype=torch.float64, device=device)
+HELDOUT_STEP = 2 ** 31 - 1  # the step the held-out samples are drawn at: no training step's, the same before and after
+
+
+def heldout_accuracy(model, problems, tokenizer, rank, world_size, device):
+    """Accuracy on problems (prompt ids, answer) through eval.math_reward: -> (greedy, sampled), sampled =
+    the mean over eval_samples completions per problem at temperature / top_p (DeepScaleR's "pass@1
+    averaged over 16 samples"; None if eval_samples = 0). Rank r answers every world_size-th problem; problem
+    i's samples come from sampler(seed, HELDOUT_STEP, i), so every run and both passes draw the same noise."""
+    mine = list(range(rank, len(problems), world_size))
+    prompts, answers = [problems[i][0] for i in mine], [problems[i][1] for i in mine]
+    greedy = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id) if mine else []
+    sampled = [generate(model, [p] * eval_samples, max_new_tokens, temperature=temperature, top_p=top_p,
+                        eos_id=tokenizer.eos_id, generator=sampler(seed, HELDOUT_STEP, i, device))
+               for i, p in zip(mine, prompts)] if eval_samples else []
+    right = lambda completions, answer: sum(math_reward(tokenizer.decode(c), answer) for c in completions)
+    counts = torch.tensor([sum(right([c], a) for c, a in zip(greedy, answers)), len(mine),
+                           sum(right(group, a) for group, a in zip(sampled, answers)), len(sampled) * eval_samples],
+                          dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(counts)
-    return (counts[0] / counts[1]).item()
+    greedy_right, n, sampled_right, n_samples = counts.tolist()
+    return greedy_right / n, sampled_right / n_samples if eval_samples else None
 
 
 def rollout_stats(rewards, groups, device):
@@ -297,6 +311,8 @@ def check_settings(world_size):
     if group_size < 2:
         raise UsageError(f"group_size={group_size}: GRPO needs at least 2 completions per prompt "
                          f"(each is compared with its group's mean)")
+    if eval_samples < 0:
+        raise UsageError(f"eval_samples={eval_samples}: must be 0 (greedy only) or more")
     if prompts_per_step % (mini_batches * world_size):
         raise UsageError(f"prompts_per_step={prompts_per_step} must be a multiple of mini_batches x world_size "
                          f"= {mini_batches} x {world_size}")
@@ -355,9 +371,11 @@ def main(rank, world_size, device):
 
     def log_heldout_accuracy():
         sync_rollout_model(policy, rollout_model)
-        acc = greedy_accuracy(rollout_model, heldout, tokenizer, rank, world_size, device)
-        run.log({'step': run.step, 'heldout_accuracy': acc},
-                f"held-out greedy accuracy at step {run.step}: {acc:.1%} of {len(heldout)} ({eval_dataset})")
+        greedy, sampled = heldout_accuracy(rollout_model, heldout, tokenizer, rank, world_size, device)
+        line = f"held-out accuracy at step {run.step} ({len(heldout)} of {eval_dataset}): greedy {greedy:.1%}"
+        if eval_samples:
+            line += f", sampled {sampled:.1%} (mean of {eval_samples} at temperature {temperature})"
+        run.log({'step': run.step, 'heldout_accuracy': greedy, 'heldout_sampled_accuracy': sampled}, line)
 
     if heldout:
         log_heldout_accuracy()

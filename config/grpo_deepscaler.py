@@ -8,6 +8,7 @@ init_from = 'out/sft_reasoning/final.pt'  # [assumption] the instruct model afte
 dataset = 'agentica-org/DeepScaleR-Preview-Dataset'  # 40.3k {problem, answer, solution} rows (the scripts' train.parquet,
                                 # built from it by scripts/data/deepscaler_dataset.py with chats.math_prompt's instruction)
 eval_dataset = ''               # AIME in the scripts (data.val_files=aime.parquet); here `python eval.py` does MATH-500
+eval_samples = 16               # when an eval_dataset is set: DeepScaleR's blog reports pass@1 averaged over 16 samples
 # response length schedule: 8k, then 16k, then 24k (data.max_response_length=8192 / 16384 / 24576 in the
 # three scripts; data.max_prompt_length=1024). Run this file, then resume with --max_new_tokens=16384
 # --block_size=17408 --group_size=16, then 24576 / 25600; when to switch is DeepScaleR's blog's call

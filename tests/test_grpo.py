@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chats  # noqa: E402
 import grpo  # noqa: E402  (importing it runs nothing: the run is under __main__)
 from eval import math_reward  # noqa: E402
-from model import Transformer, model_args  # noqa: E402
+from model import Transformer, generate, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
 from training_runs import ENV, ROOT, assert_one_line_errors, start, tree_digest, wait_for, write_jsonl  # noqa: E402
-from weights import save_checkpoint  # noqa: E402
+from weights import load_model, save_checkpoint  # noqa: E402
 
 SUMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(1, 5)]
 LONG = ('What is ' + ' + '.join(['1'] * 30) + '?', '30')  # longer than block_size - max_new_tokens: skipped
@@ -74,9 +74,10 @@ def problems(tmp_path_factory):
 
 def records(out_dir):
     """{step: record} of the training steps in log.jsonl (a step replayed after a kill keeps its last
-    record), and the held-out accuracies in order."""
+    record), and the held-out accuracies (greedy, sampled) in order."""
     lines = [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
-    return {r['step']: r for r in lines if 'loss' in r}, [r['heldout_accuracy'] for r in lines if 'heldout_accuracy' in r]
+    return {r['step']: r for r in lines if 'loss' in r}, \
+        [(r['heldout_accuracy'], r['heldout_sampled_accuracy']) for r in lines if 'heldout_accuracy' in r]
 
 
 def run(args, out_dir, nproc=0, wait=True):
@@ -222,11 +223,32 @@ def test_a_learnable_reward_rises(monkeypatch):
     assert sum(mean_rewards[:3]) / 3 < 0.7 and sum(mean_rewards[-3:]) / 3 > 0.9, mean_rewards
 
 
+def test_heldout_accuracy_greedy_and_sampled(monkeypatch, sums_model, mistral):
+    for key, value in dict(max_new_tokens=8, eval_samples=3, temperature=1.0, seed=3).items():
+        monkeypatch.setattr(grpo, key, value)
+    model = load_model(str(sums_model))[0]
+    problems = [(encode_chat(mistral, chats.math_prompt(p), add_generation_prompt=True)[0], a) for p, a in SUMS]
+    one_by_one = [math_reward(mistral.decode(generate(model, [p], 8, eos_id=mistral.eos_id)[0]), a) for p, a in problems]
+    greedy, sampled = grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu')
+    assert greedy == sum(one_by_one) / 16 and 0 < greedy < 1
+    assert (sampled * 48) % 1 == 0 and grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu') == (greedy, sampled)
+    monkeypatch.setattr(grpo, 'temperature', 0.0)  # every sample is then the greedy answer
+    assert grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu') == (greedy, greedy)
+    monkeypatch.setattr(grpo, 'eval_samples', 0)
+    assert grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu') == (greedy, None)
+
+
 def test_arithmetic_task_is_seeded_graded_and_held_out(mistral):
     train, heldout = list(chats.arithmetic_problems('train')), list(chats.arithmetic_problems('heldout'))
     assert (len(train), len(heldout)) == (800, 200) and train == list(chats.arithmetic_problems('train'))
-    work = lambda row: row['messages'][1]['content'].split(' = ')[0]  # "12 + 7"
-    assert not {work(r) for r in train} & {work(r) for r in heldout}  # no held-out sum is ever trained on
+    name = lambda row: row['problem'].split()[0]
+    assert not {name(r) for r in train} & {name(r) for r in heldout}  # no held-out sentence is ever trained on
+    work = lambda row: row['messages'][1]['content'].split(' = ')[0]  # "7 + 5"
+    facts = {f"{a} + {b}" for a in range(1, 10) for b in range(1, 10)} | \
+        {f"{a + b} - {b}" for a in range(1, 10) for b in range(1, 10)} | \
+        {f"{a} x {b}" for a in range(2, 10) for b in range(2, 10)}
+    assert len(facts) == 226 and {work(r) for r in train + heldout} <= facts
+    assert len({work(r) for r in train}) > 200  # nearly every fact is trained on, in other sentences
     for row in train[:50] + heldout[:50]:
         a, op, b = work(row).split()
         assert int(row['answer']) == {'+': int(a) + int(b), '-': int(a) - int(b), 'x': int(a) * int(b)}[op]
@@ -242,6 +264,8 @@ def test_run_logs_rewards_and_heldout_accuracy(reference):
     out, stdout, (steps, accuracy) = reference
     assert '16 problems, 1 skipped: longer than block_size - max_new_tokens' in stdout
     assert sorted(steps) == list(range(1, 7)) and len(accuracy) == 2
+    assert all(0 <= a <= 1 for pair in accuracy for a in pair)
+    assert 'held-out accuracy at step 6 (8 of ' in stdout and 'sampled' in stdout
     assert all(set(LOGGED) <= set(r) for r in steps.values())
     assert 0 < sum(r['reward'] for r in steps.values()) / 6 < 1  # rewards differ: there is something to learn
     assert any(r['clip_frac'] > 0 for r in steps.values())  # the second epoch moves ratios past the clip
@@ -288,6 +312,7 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, sums_model, 
         ("{data}:3: the grader (eval.math_reward) cannot match answer '{{7' even to itself",
          [good, good, {'problem': 'What is 3 + 4?', 'answer': '{7'}], []),
         ("group_size=1: GRPO needs at least 2 completions per prompt", [good] * 8, ['--group_size=1']),
+        ("eval_samples=-2: must be 0 (greedy only) or more", [good] * 8, ['--eval_samples=-2']),
         ("0 usable problems (1 skipped: longer than block_size - max_new_tokens = 56 tokens)",
          [{'problem': LONG[0], 'answer': LONG[1]}], []),
     ]
