@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 
 from data import ordered_map, read_jsonl
+from eval import MATH_INSTRUCTION
 from tokenizer import Tokenizer, encode_chat
 from trainer import UsageError
 
@@ -126,13 +127,9 @@ def pydoc_conversations():
                    {'role': 'assistant', 'content': answer(body)}]
 
 
-# DeepScaleR's instruction after each problem (rllm's scripts/data/deepscaler_dataset.py): the model learns
-# to end with the \boxed{} answer the grader reads
-MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-
-
 def math_prompt(problem):
-    """The conversation a math problem is asked in: one user turn, the problem then the instruction."""
+    """The conversation a math problem is asked in: one user turn, the problem then eval.py's
+    MATH_INSTRUCTION (DeepScaleR's), so a model is trained in the words the benchmark asks in."""
     return [{'role': 'user', 'content': f"{problem} {MATH_INSTRUCTION}"}]
 
 

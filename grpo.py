@@ -177,11 +177,11 @@ def sampler(seed, step, place, device):
     return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, place]).generate_state(1)[0]))
 
 
-def rollout(model, prompts, generators, eos_id):
-    """group_size completions of each prompt (new token ids, ending with EOS unless cut at
+def rollout(model, prompts, generators, eos_id, n=None):
+    """n (default group_size) completions of each prompt (new token ids, ending with EOS unless cut at
     max_new_tokens), sampled at temperature / top_p; one call per group with the group's own
     generator, so the prompt is prefilled once and shared by its samples."""
-    return [generate(model, [prompt] * group_size, max_new_tokens, temperature=temperature, top_p=top_p,
+    return [generate(model, [prompt] * (n or group_size), max_new_tokens, temperature=temperature, top_p=top_p,
                      eos_id=eos_id, generator=g) for prompt, g in zip(prompts, generators)]
 
 
@@ -282,9 +282,8 @@ def heldout_accuracy(model, problems, tokenizer, rank, world_size, device):
     mine = list(range(rank, len(problems), world_size))
     prompts, answers = [problems[i][0] for i in mine], [problems[i][1] for i in mine]
     greedy = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id) if mine else []
-    sampled = [generate(model, [p] * eval_samples, max_new_tokens, temperature=temperature, top_p=top_p,
-                        eos_id=tokenizer.eos_id, generator=sampler(seed, HELDOUT_STEP, i, device))
-               for i, p in zip(mine, prompts)] if eval_samples else []
+    sampled = rollout(model, prompts, [sampler(seed, HELDOUT_STEP, i, device) for i in mine], tokenizer.eos_id,
+                      eval_samples) if eval_samples else []
     right = lambda completions, answer: sum(math_reward(tokenizer.decode(c), answer) for c in completions)
     counts = torch.tensor([sum(right([c], a) for c, a in zip(greedy, answers)), len(mine),
                            sum(right(group, a) for group, a in zip(sampled, answers)), len(sampled) * eval_samples],
