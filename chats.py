@@ -24,8 +24,8 @@ import zlib
 
 import numpy as np
 
-from data import ordered_map, read_jsonl
-from eval import MATH_INSTRUCTION
+from dataloader import ordered_map, read_jsonl
+from tasks import MATH_INSTRUCTION
 from tokenizer import Tokenizer, encode_chat
 from trainer import UsageError
 
@@ -128,8 +128,8 @@ def pydoc_conversations():
 
 
 def math_prompt(problem):
-    """The conversation a math problem is asked in: one user turn, the problem then eval.py's
-    MATH_INSTRUCTION (DeepScaleR's), so a model is trained in the words the benchmark asks in."""
+    """The conversation a math problem is asked in: one user turn, the problem then the
+    benchmark's MATH_INSTRUCTION (DeepScaleR's, tasks.MATH_INSTRUCTION), so a model is trained in the words the benchmark asks in."""
     return [{'role': 'user', 'content': f"{problem} {MATH_INSTRUCTION}"}]
 
 

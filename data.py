@@ -7,7 +7,6 @@ Run `python data.py [config/file.py] [--key=value ...]` to build shards; the def
 build a small text+code corpus from this Python interpreter's own docs and stdlib,
 offline. dataloader.PackedLoader reads the shards back as batches.
 """
-import collections
 import glob
 import hashlib
 import itertools
@@ -26,6 +25,8 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
+from dataloader import decode_utf8, ordered_map, read_jsonl
+from tasks import get_task, read_split, render_examples
 from tokenizer import Tokenizer
 
 
@@ -99,31 +100,10 @@ def _local_files(path, where):
     return files
 
 
-def _decode(raw, path, line=None):
-    try:
-        return raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        line = line or raw.count(b'\n', 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
-
-
-def read_jsonl(path):
-    """(line number, row) for every non-blank line of a .jsonl file, read as it goes; invalid
-    UTF-8 or JSON raises ValueError naming the file and line. sft.py reads its chats with it."""
-    with open(path, 'rb') as f:
-        for n, raw in enumerate(f, 1):
-            if raw.strip():
-                try:
-                    row = json.loads(_decode(raw, path, n))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                yield n, row
-
-
 def _read_local(path, field):
     if path.endswith('.txt'):  # one file, one document
         with open(path, 'rb') as f:
-            yield _decode(f.read(), path)
+            yield decode_utf8(f.read(), path)
     elif path.endswith('.jsonl'):
         for n, row in read_jsonl(path):
             if not isinstance(row, dict) or field not in row:
@@ -159,25 +139,23 @@ def _read_hf(kwargs, data_dirs, field):
 
 
 def _capability_tasks(tasks, where):
-    """[(eval.py task, split)] from names like 'arc_easy' (its training split) or 'mmlu:auxiliary_train'."""
-    import eval as evaluate  # needs torch; only this kind of source imports it
+    """[(task, split)] from names like 'arc_easy' (its training split) or 'mmlu:auxiliary_train'."""
     if not isinstance(tasks, (list, tuple)) or not tasks:
-        raise ValueError(f"{where}: 'tasks' must be a non-empty list of eval.py task names")
+        raise ValueError(f"{where}: 'tasks' must be a non-empty list of benchmark task names (tasks.TASKS)")
     pairs = []
     for spec in tasks:
         name, _, split = str(spec).partition(':')
-        task = evaluate.get_task(name)
+        task = get_task(name)
         pairs.append((task, split or task.fewshot_split))
-    return evaluate, pairs
+    return pairs
 
 
 def _capability_docs(tasks, data_dir, where):
-    """Phase 3: benchmark training splits rendered by eval.py's own code, so the model trains
-    on exactly the prompt format it is scored with; one solved question per document."""
-    evaluate, pairs = _capability_tasks(tasks, where)
-    for task, split in pairs:
-        rows, _ = evaluate.read_split(task, split, data_dir)
-        yield from evaluate.render_examples(task.name, rows)
+    """Phase 3: benchmark training splits rendered by the tasks module, in exactly the prompt
+    format eval.py scores with; one solved question per document."""
+    for task, split in _capability_tasks(tasks, where):
+        rows, _ = read_split(task, split, data_dir)
+        yield from render_examples(task.name, rows)
 
 
 # ----------------------------------------------------------------------------- cleaning and dedup
@@ -299,37 +277,6 @@ class Preparer:
         keys = self.minhash.band_keys(self.minhash.signature(text)) if self.minhash else []
         ids = ([self.tok.bos_id] if self.tok.bos_id is not None else []) + self.tok.encode(text) + [self.tok.eos_id]
         return nbytes, (digest, keys, np.array(ids, dtype=self.dtype))
-
-
-def ordered_map(pool, fn, items, batch_size=64, depth=8):
-    """fn(item) for every item, computed by the pool's workers and yielded in order, with at most
-    `depth` batches in flight (Pool.imap would read all of `items` ahead into memory). A
-    ValueError raised while reading `items` is raised when its turn comes, so the results before
-    it still arrive. fn must be a module-level function; sft.py tokenizes its chats with this too."""
-    pending, failure, more = collections.deque(), None, True
-    while True:
-        while more and len(pending) < depth:
-            batch = []
-            try:
-                for item in items:
-                    batch.append(item)
-                    if len(batch) == batch_size:
-                        break
-                else:
-                    more = False
-            except ValueError as e:
-                failure, more = e, False
-            if batch:
-                pending.append(pool.apply_async(_map_batch, (fn, batch)))
-        if not pending:
-            if failure:
-                raise failure
-            return
-        yield from pending.popleft().get()
-
-
-def _map_batch(fn, batch):
-    return [fn(item) for item in batch]
 
 
 # ----------------------------------------------------------------------------- tokenize to shards

@@ -13,12 +13,71 @@ conversation once in a seeded order that is new each epoch; rank r of world_size
 world_size-th, so ranks never overlap and all take the same number of batches (the remainder of
 an epoch is dropped); state_dict() / load_state_dict() resume exactly where a run stopped.
 """
+import collections
 import glob
 import json
 import os
 
 import numpy as np
 import torch
+
+
+# ----------------------------------------------------------------------------- reading files (data.py and chats.py)
+
+def decode_utf8(raw, path, line=None):
+    """bytes -> str, or ValueError naming the file and the line of the first invalid byte."""
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = line or raw.count(b'\n', 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+
+
+def read_jsonl(path):
+    """(line number, row) for every non-blank line of a .jsonl file, read as it goes; invalid
+    UTF-8 or JSON raises ValueError naming the file and line. sft.py reads its chats with it."""
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    row = json.loads(decode_utf8(raw, path, n))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                yield n, row
+
+
+def ordered_map(pool, fn, items, batch_size=64, depth=8):
+    """fn(item) for every item, computed by the pool's workers and yielded in order, with at most
+    `depth` batches in flight (Pool.imap would read all of `items` ahead into memory). A
+    ValueError raised while reading `items` is raised when its turn comes, so the results before
+    it still arrive. fn must be a module-level function; sft.py tokenizes its chats with this too."""
+    pending, failure, more = collections.deque(), None, True
+    while True:
+        while more and len(pending) < depth:
+            batch = []
+            try:
+                for item in items:
+                    batch.append(item)
+                    if len(batch) == batch_size:
+                        break
+                else:
+                    more = False
+            except ValueError as e:
+                failure, more = e, False
+            if batch:
+                pending.append(pool.apply_async(_map_batch, (fn, batch)))
+        if not pending:
+            if failure:
+                raise failure
+            return
+        yield from pending.popleft().get()
+
+
+def _map_batch(fn, batch):
+    return [fn(item) for item in batch]
+
+
+# ----------------------------------------------------------------------------- training batches
 
 
 class PackedLoader:

@@ -10,7 +10,7 @@ data, into Moxin-7B-Reasoning with DeepScaleR's recipe.
 One step, for prompts_per_step math problems (each asked as chats.math_prompt: the problem, then
 "...output the final answer within \\boxed{}"):
   1. rollout      group_size completions o_1..o_G of each prompt q, sampled from the current policy
-  2. reward       r_i = eval.math_reward(o_i, answer): 1 if the last \\boxed{} is the answer, else 0
+  2. reward       r_i = tasks.math_grader.math_reward(o_i, answer): 1 if the last \\boxed{} is the answer, else 0
   3. advantage    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps), the same for every token of o_i;
                   a group whose rewards are all equal teaches nothing and gets A = 0
   4. loss         per response token t of o_i, with ratio_t = pi(o_t) / pi_old(o_t) against the
@@ -52,8 +52,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from chats import chat_tokenizer, math_prompt, rows
 from configurator import settings
 from dataloader import resume_position
-from eval import math_reward
 from model import Transformer, generate
+from tasks.math_grader import math_reward
 from tokenizer import encode_chat
 from weights import is_hub_id
 from trainer import (Run, UsageError, build_model, build_optimizer, check_hf_export, checkpoint_meta, describe_model,
@@ -115,7 +115,7 @@ def load_prompts(dataset, tokenizer, max_prompt_tokens):
         answer = row['answer']
         # an answer the grader cannot match to itself would make every completion of it wrong
         if not isinstance(answer, (str, int)) or math_reward(f"\\boxed{{{answer}}}", str(answer)) != 1.0:
-            raise UsageError(f"{where}: the grader (eval.math_reward) cannot match answer {answer!r} even to itself")
+            raise UsageError(f"{where}: the grader (tasks.math_grader.math_reward) cannot match answer {answer!r} even to itself")
         try:
             ids, _ = encode_chat(tokenizer, math_prompt(row['problem']), add_generation_prompt=True)
         except ValueError as e:  # a problem that is not a string
@@ -275,7 +275,7 @@ HELDOUT_STEP = 2 ** 31 - 1  # the step the held-out samples are drawn at: no tra
 
 
 def heldout_accuracy(model, problems, tokenizer, rank, world_size, device):
-    """Accuracy on problems (prompt ids, answer) through eval.math_reward: -> (greedy, sampled), sampled =
+    """Accuracy on problems (prompt ids, answer) through tasks.math_grader.math_reward: -> (greedy, sampled), sampled =
     the mean over eval_samples completions per problem at temperature / top_p (DeepScaleR's "pass@1
     averaged over 16 samples"; None if eval_samples = 0). Rank r answers every world_size-th problem; problem
     i's samples come from sampler(seed, HELDOUT_STEP, i), so every run and both passes draw the same noise."""

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import eval as ev
+import tasks
+from tasks import math_grader
 from tokenizer import Tokenizer
 from model import Transformer, model_args
 from weights import export_hf, load_model
@@ -100,7 +102,7 @@ def test_loglikelihoods_and_answers_match_harness(ours, harness, task, k):
     model, tokenizer = ours
     result = ev.evaluate(model, tokenizer, task, k, data_dir=str(DATA), batch_size=4, progress=False)
     expected = [lls for unit in harness[task, k].values() for _, lls in unit]
-    docs = [doc for _, unit in ev.load_units(ev.TASKS[task], k, str(DATA), None) for doc in unit]
+    docs = [doc for _, unit in tasks.load_units(tasks.TASKS[task], k, str(DATA), None) for doc in unit]
     assert len(result["items"]) == len(expected) == len(docs)
     for ours_item, lls, (_, item, _) in zip(result["items"], expected, docs):
         assert len(ours_item["lls"]) == len(lls)
@@ -113,14 +115,14 @@ def test_loglikelihoods_and_answers_match_harness(ours, harness, task, k):
 @pytest.mark.parametrize("task, k", CASES)
 def test_prompts_match_harness(harness, task, k):
     """Shots drawn with the harness's seed and sampler, prompt text to the character."""
-    for unit, docs in ev.load_units(ev.TASKS[task], k, str(DATA), None):
-        ours = [ev.prompt_pairs(ev.TASKS[task], *doc) for doc in docs]
+    for unit, docs in tasks.load_units(tasks.TASKS[task], k, str(DATA), None):
+        ours = [tasks.prompt_pairs(tasks.TASKS[task], *doc) for doc in docs]
         assert ours == [args for args, _ in harness[task, k][unit]]
 
 
 def prompts(task, k=0, index=0):
-    units = ev.load_units(ev.TASKS[task], k, str(DATA), None)
-    return ev.prompt_pairs(ev.TASKS[task], *units[0][1][index])
+    units = tasks.load_units(tasks.TASKS[task], k, str(DATA), None)
+    return tasks.prompt_pairs(tasks.TASKS[task], *units[0][1][index])
 
 
 def test_known_prompts():
@@ -157,16 +159,16 @@ def test_known_prompts():
 
 def test_render_examples():
     rows = [json.loads(line) for line in (DATA / "winogrande" / "train.jsonl").open()][:2]
-    assert ev.render_examples("winogrande", rows) == [
+    assert tasks.render_examples("winogrande", rows) == [
         "Ian volunteered to eat Dennis's menudo after already having a bowl because Ian enjoyed eating intestine.",
         "He never comes to my home, but I always go to his house because the home is smaller."]
     row = {"question": "Water boils at", "subject": "high_school_physics", "choices": ["0 C", "50 C", "100 C", "1 C"],
            "answer": 2}
-    assert ev.render_examples("mmlu", [row]) == [
+    assert tasks.render_examples("mmlu", [row]) == [
         "The following are multiple choice questions (with answers) about high school physics.\n\n"
         "Water boils at\nA. 0 C\nB. 50 C\nC. 100 C\nD. 1 C\nAnswer: C"]
-    with pytest.raises(ev.EvalError, match="piqa row 0: missing field 'sol2'"):
-        ev.render_examples("piqa", [{"goal": "g", "sol1": "a", "label": 0}])
+    with pytest.raises(tasks.TaskError, match="piqa row 0: missing field 'sol2'"):
+        tasks.render_examples("piqa", [{"goal": "g", "sol1": "a", "label": 0}])
 
 
 def test_fast_scorer_equals_reference():
@@ -419,14 +421,14 @@ MATH_CASES = [
 
 @pytest.mark.parametrize("output, answer, verdict", MATH_CASES)
 def test_math_grader(output, answer, verdict):
-    assert ev.math_reward(output, answer) == float(verdict)
+    assert math_grader.math_reward(output, answer) == float(verdict)
 
 
 def test_extract_boxed():
-    assert ev.extract_boxed("a $\\boxed{\\frac{a}{\\sqrt{b}}}$ b") == "\\frac{a}{\\sqrt{b}}"
-    assert ev.extract_boxed("\\boxed{1} then \\fbox{2}") == "2"
-    assert ev.extract_boxed("no box") is None
-    assert ev.extract_boxed("\\boxed{open") is None
+    assert math_grader.extract_boxed("a $\\boxed{\\frac{a}{\\sqrt{b}}}$ b") == "\\frac{a}{\\sqrt{b}}"
+    assert math_grader.extract_boxed("\\boxed{1} then \\fbox{2}") == "2"
+    assert math_grader.extract_boxed("no box") is None
+    assert math_grader.extract_boxed("\\boxed{open") is None
 
 
 def test_generative_command_line_logs_samples(gsm8k_dir, tmp_path, capsys):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import chats  # noqa: E402
 import grpo  # noqa: E402  (importing it runs nothing: the run is under __main__)
-from eval import math_reward  # noqa: E402
+from tasks.math_grader import math_reward  # noqa: E402
 from model import Transformer, generate, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
 from training_runs import ENV, ROOT, assert_one_line_errors, start, tree_digest, wait_for, write_jsonl  # noqa: E402
@@ -309,7 +309,7 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(reference, sums_model, 
     good = {'problem': 'What is 1 + 1?', 'answer': '2'}
     cases = [  # (the error, the .jsonl rows, more arguments)
         ("{data}:2: no 'answer' field", [good, {'problem': 'What is 2 + 2?'}], []),
-        ("{data}:3: the grader (eval.math_reward) cannot match answer '{{7' even to itself",
+        ("{data}:3: the grader (tasks.math_grader.math_reward) cannot match answer '{{7' even to itself",
          [good, good, {'problem': 'What is 3 + 4?', 'answer': '{7'}], []),
         ("group_size=1: GRPO needs at least 2 completions per prompt", [good] * 8, ['--group_size=1']),
         ("eval_samples=-2: must be 0 (greedy only) or more", [good] * 8, ['--eval_samples=-2']),
