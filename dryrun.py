@@ -1,9 +1,14 @@
 """
-`--dry_run`: a training stage's own code path on this CPU, simulated over N GPUs: does it fit
-in memory, and what will the run cost?
+The dry run: a training stage's own code path on this CPU, simulated over N GPUs: does it fit in
+memory, and what will the run cost? Put it in front of the training command:
 
-    python pretrain.py config/moxin7b_phase1.py --dry_run --dry_run_gpus=64
-    python sft.py config/sft_tulu3.py --dry_run --dry_run_gpus=8 --gpu_memory_gb=80 --mfu=0.4 --gpu=H100
+    python dryrun.py pretrain.py config/moxin7b_phase1.py --gpus=64
+    python dryrun.py sft.py config/sft_tulu3.py --gpus=8 --dataset_conversations=939343
+    python dryrun.py pretrain.py config/moxin7b_phase1.py --gpus=16 --gpu_memory_gb=40 --gpu=A100 --mfu=0.35
+
+Its own settings are below (gpus, gpu_memory_gb, gpu, mfu, and for sft the shape and the dataset's
+size); every other --key=value, and the config file, set the stage's settings as they would for the
+real run. It reads no data or weights and writes nothing.
 
 How: torch.distributed's fake process group of N ranks (backend "fake": every collective returns
 at once) and FakeTensorMode (tensors with shapes and dtypes but no storage). Under both, the stage's
@@ -13,20 +18,18 @@ initialised), trainer.build_optimizer makes the AdamW state, and trainer.train_s
 on random tokens of the configured shape; then the checkpoint's state-dict plan is made (what DCP
 would write). torch.distributed._tools' FSDPMemTracker counts every tensor of rank 0 by kind as it
 is created and freed; the peak is taken over the second step, when the optimizer state exists.
-No data is read and no file is written. Each micro-batch of a step needs the same memory, so a step
-runs at most two of them (the second one runs with the first's gradients held, as the rest would).
+Each micro-batch of a step needs the same memory, so a step runs at most two of them (the second
+one runs with the first's gradients held, as the rest would).
 
 What it cannot see: the CUDA context, NCCL's buffers and the caching allocator's fragmentation
 (hence the 10% headroom in the verdict), and compiled kernels (the memory is measured eagerly, as
 torchtitan's estimator does: a compiled block saves a different set of tensors for backward).
 Time is arithmetic, not measured: FLOPs per token (trainer.flops_per_token, the count the MFU in
 the training log uses) over the GPU's datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) at an assumed MFU.
-
-A stage calls dry_run(args, config, max_steps) early in main(), with its model shape, its settings
-(batch_size, block_size, grad_accum, the optimizer's, compile, activation_checkpointing, dry_run_gpus,
-gpu_memory_gb, gpu, mfu) and its number of optimizer steps; a stage with its own loss and batches
-passes them too (loss_fn as train_step takes it, make_batch(batch_size, block_size, vocab_size)).
 """
+import importlib
+import math
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -41,9 +44,20 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from configurator import ConfigError, apply_overrides
 from model import model_args
 from trainer import (GPU_PEAK_FLOPS, UsageError, build_model, build_optimizer, datasheet_peak, flops_per_token,
                      fsdp_precision, grad_accum_for, lm_loss, train_step)
+
+# ----------------------------------------------------------------------------- the dry run's own settings
+gpus = 8                       # GPUs to simulate
+gpu_memory_gb = 80.0           # memory per GPU, GiB
+gpu = 'H100'                   # whose datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) the time is computed for
+mfu = 0.4                      # the model FLOPs utilisation assumed for time and GPU-hours
+shape = 'moxin-7b'             # sft: init_from's shape (a model.PRESETS name), since no weights are read
+dataset_conversations = 0      # sft: the dataset's conversations, for the whole run's time (0: per step only)
+config_keys = ['gpus', 'gpu_memory_gb', 'gpu', 'mfu', 'shape', 'dataset_conversations']
+STAGES = ('pretrain', 'sft')   # the stages it can simulate: the ones whose batches are token blocks
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # of gpu_memory_gb the tracked tensors may use: the rest is CUDA context, NCCL, fragmentation
@@ -163,23 +177,20 @@ def preset_args(preset, overrides):
 
 
 def dry_run(args, config, max_steps, loss_fn=lm_loss, make_batch=random_tokens):
-    """Simulate the configured run on config['dry_run_gpus'] GPUs and print one table: the per-GPU
+    """Simulate the configured run on config['gpus'] GPUs and print one table: the per-GPU
     peak by kind against gpu_memory_gb, and, when it does not fit, the settings that would, each
     tried; then the run's arithmetic (tokens, FLOPs, time, GPU-hours at the assumed MFU).
-    max_steps: the run's optimizer steps, None if unknown, or a function of the number of GPUs
-    (a fine-tuning stage's steps depend on how many GPUs share each epoch)."""
+    max_steps: the run's optimizer steps (0 or None if unknown: then the time per step alone)."""
     t0 = time.time()
     if dist.is_initialized():
-        raise UsageError("dry_run: run it as one plain process (python, not torchrun); it simulates the GPUs itself")
-    gpus, gpu, mfu = config['dry_run_gpus'], config['gpu'], config['mfu']
+        raise UsageError("dryrun.py: run it as one plain process (python, not torchrun); it simulates the GPUs itself")
+    gpus, gpu, mfu = config['gpus'], config['gpu'], config['mfu']
     if not (isinstance(gpus, int) and gpus >= 1):
-        raise UsageError(f"dry_run_gpus={gpus!r}: the number of GPUs to simulate, an integer >= 1")
+        raise UsageError(f"gpus={gpus!r}: the number of GPUs to simulate, an integer >= 1")
     if datasheet_peak(gpu) is None:
         raise UsageError(f"gpu={gpu!r}: no datasheet peak for it (known: {', '.join(GPU_PEAK_FLOPS)})")
     if not 0 < mfu <= 1:
         raise UsageError(f"mfu={mfu!r}: the fraction of the GPU's peak FLOP/s the run achieves, in (0, 1]")
-    if callable(max_steps):
-        max_steps = max_steps(gpus)
     if config.get('global_batch_size'):  # the recipe's global batch on the simulated GPUs, as a real run derives it
         config = {**config, 'grad_accum': grad_accum_for(config['global_batch_size'], config['batch_size'], gpus)}
     capacity = config['gpu_memory_gb'] * GIB
@@ -287,3 +298,42 @@ def _arithmetic(args, config, setup, max_steps, plan):
                  f"{n_optim} tensors, {_size(optim_bytes)} per save; final.pt {_size(model_bytes)}")
     return '\n'.join(lines)
 
+
+# ----------------------------------------------------------------------------- the command
+
+def stage_settings(argv):
+    """`STAGE.py [config/file.py] [--key=value ...]` -> (the stage's name, its settings as the real
+    run would have them, plus the dry run's own). ConfigError on an unknown stage or setting."""
+    stage = argv[0].removesuffix('.py') if argv else ''
+    if stage not in STAGES:
+        raise ConfigError(f"usage: python dryrun.py {{{','.join(s + '.py' for s in STAGES)}}} [config/file.py] "
+                          f"[--key=value ...] (got {' '.join(argv[:1]) or 'nothing'})")
+    module = importlib.import_module(stage)  # its settings; importing a stage runs nothing
+    config = {**{k: getattr(module, k) for k in module.config_keys}, **{k: globals()[k] for k in config_keys}}
+    apply_overrides(config, list(config), argv[1:])
+    return stage, config
+
+
+def sft_steps(config):
+    """sft.py's optimizer steps for the whole run, as its ChatLoader and max_steps count them, with
+    every conversation as long as block_size (the most memory and time a step can take)."""
+    gpus = config['gpus']
+    accum = (grad_accum_for(config['global_batch_size'], config['batch_size'], gpus, 'conversations')
+             if config['global_batch_size'] else config['grad_accum'])
+    return math.ceil(config['epochs'] * (config['dataset_conversations'] // (config['batch_size'] * gpus)) / accum)
+
+
+def main(argv):
+    try:
+        stage, config = stage_settings(argv)
+        if stage == 'pretrain':
+            dry_run(preset_args(config['preset'], config['model_overrides']), config, config['max_steps'])
+        else:
+            dry_run(preset_args(config['shape'], {}), config, sft_steps(config))
+    except (ConfigError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -21,7 +21,6 @@ import os
 import time
 from dataclasses import asdict
 
-import dryrun
 from configurator import settings
 from dataloader import PackedLoader
 from model import model_args
@@ -65,12 +64,6 @@ log_interval = 10
 eval_interval = 50            # steps between validation losses (0 = only at the end)
 eval_batches = 4              # micro-batches per validation loss
 export_hf = False             # also write {out_dir}/hf, an HF MistralForCausalLM directory
-# dry run (dryrun.py): simulate this config on GPUs, here on the CPU; reads no data, writes nothing
-dry_run = False
-dry_run_gpus = 8              # GPUs to simulate
-gpu_memory_gb = 80.0          # memory per GPU, GiB
-gpu = 'H100'                  # whose datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) the time is computed for
-mfu = 0.4                     # the model FLOPs utilisation assumed for time and GPU-hours
 config_keys = settings(globals())
 
 
@@ -113,9 +106,6 @@ def starting_point(resume_path, rank, world_size):
 
 
 def main(rank, world_size, device):
-    if dry_run:  # the model shape of `preset`: phases 2-3 continue phase 1's
-        return dryrun.dry_run(dryrun.preset_args(preset, model_overrides), {k: globals()[k] for k in config_keys},
-                              max_steps)
     master = rank == 0
     t_start = time.time()
 

@@ -36,7 +36,6 @@ import os
 import time
 from dataclasses import asdict
 
-import dryrun
 from chats import chat_tokenizer, describe_skipped, load_conversations
 from configurator import settings
 from dataloader import ChatLoader
@@ -76,14 +75,6 @@ keep_last = 2
 log_interval = 10
 export_hf = False              # also write {out_dir}/hf, an HF MistralForCausalLM directory
 workers = 1                    # processes (per rank) that tokenize the data; the Tulu mixtures want many
-# dry run (dryrun.py): simulate this config on GPUs, here on the CPU; reads no weights or data, writes nothing
-dry_run = False
-dry_run_gpus = 8               # GPUs to simulate
-gpu_memory_gb = 80.0           # memory per GPU, GiB
-gpu = 'H100'                   # whose datasheet bf16 peak (trainer.GPU_PEAK_FLOPS) the time is computed for
-mfu = 0.4                      # the model FLOPs utilisation assumed for time and GPU-hours
-preset = 'demo'                # the model shape it simulates: init_from's (model.PRESETS)
-dataset_conversations = 0      # how many the dataset has, for the whole run's time (0: per step only)
 config_keys = settings(globals())
 
 
@@ -94,11 +85,6 @@ def batch_mean_lm_loss(model, batch):
 
 
 def main(rank, world_size, device):
-    if dry_run:  # every conversation at block_size: the most memory and time a step can take
-        def steps(gpus):  # as ChatLoader and max_steps below count them
-            accum = grad_accum_for(global_batch_size, batch_size, gpus, 'conversations') if global_batch_size else grad_accum
-            return math.ceil(epochs * (dataset_conversations // (batch_size * gpus)) / accum)
-        return dryrun.dry_run(dryrun.preset_args(preset, {}), {k: globals()[k] for k in config_keys}, steps)
     master = rank == 0
     t_start = time.time()
 

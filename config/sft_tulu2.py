@@ -2,6 +2,7 @@
 # CoT, Open Assistant 1, ShareGPT, GPT4-Alpaca, Code-Alpaca, LIMA, WizardLM, Open-Orca, ...).
 #   torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \
 #       --rdzv_id=moxin-chat sft.py config/sft_tulu2.py
+#   python dryrun.py sft.py config/sft_tulu2.py --gpus=64 --dataset_conversations=326154   # memory and cost (HF card: 326,154 rows)
 #   python sample.py --ckpt out/moxin7b_chat/final.pt --chat
 # Sources: [design] the project's design notes (Moxin's chat model = the base model + the Tulu v2
 # mixture, Tulu's template, loss on assistant turns); [tulu2] the Tulu 2 paper (Ivison et al. 2023,
@@ -29,5 +30,3 @@ ckpt_interval = 250            # [assumption] 2 epochs x 326k / 128 = ~5,100 ste
 keep_last = 2
 log_interval = 10
 workers = 8                    # [assumption] tokenizing processes per rank: 64 on an 8-GPU node
-preset = 'moxin-7b'            # for --dry_run: init_from's shape (it reads no weights)
-dataset_conversations = 326_154  # for --dry_run's whole-run time: the HF dataset card's train rows

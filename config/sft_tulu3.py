@@ -2,6 +2,7 @@
 # open-instruct's Tulu 3 settings.
 #   torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \
 #       --rdzv_id=moxin-instruct sft.py config/sft_tulu3.py
+#   python dryrun.py sft.py config/sft_tulu3.py --gpus=64 --dataset_conversations=939343   # memory and cost (HF card: 939,343 rows)
 #   python sample.py --ckpt out/moxin7b_instruct/final.pt --chat
 # Sources: [moxin] the Moxin report (arXiv 2412.06845) and moxin-ai.org: Moxin-Instruct is the base
 # model fine-tuned with the Tulu 3 framework; [tulu3] the Tulu 3 paper (Lambert et al. 2024, arXiv
@@ -34,5 +35,3 @@ ckpt_interval = 500            # [assumption] 2 epochs x 939k / 128 = ~14,700 st
 keep_last = 2
 log_interval = 10
 workers = 8                    # [assumption] tokenizing processes per rank: 64 on an 8-GPU node
-preset = 'moxin-7b'            # for --dry_run: init_from's shape (it reads no weights)
-dataset_conversations = 939_343  # for --dry_run's whole-run time: the HF dataset card's train rows

@@ -2,6 +2,7 @@
 counts and a real 2-rank run, the verdict and its alternatives, compile together with activation
 checkpointing, and checkpoint keys that no wrapper changes."""
 import json
+import math
 import re
 
 import pytest
@@ -12,10 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import dryrun
 import model as model_module
-import pretrain
-import sft
 import trainer
-from configurator import apply_overrides
 from model import Transformer, model_args
 from shard_probe import layout
 from training_runs import ROOT, start
@@ -98,7 +96,7 @@ def one_table(out):
 
 def test_a_run_that_fits_says_so(capsys):
     config = {**CONFIG, 'batch_size': 1, 'grad_accum': 1, 'activation_checkpointing': False, 'compile': False,
-              'dry_run_gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4}
+              'gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4}
     dryrun.dry_run(model_args('tiny'), config, max_steps=200)
     out = one_table(capsys.readouterr().out)
     assert 'the configured run fits' in out and 'would fit with' not in out and 'try: ' not in out
@@ -109,8 +107,8 @@ def test_a_run_that_does_not_fit_names_what_would_and_tried_it():
     # on one GPU, sized so that the weights, gradients and AdamW state alone leave no room
     one_gpu = simulate(1, batch_size=1, grad_accum=1, block_size=16).peak['Total']
     gib = 0.7 * one_gpu / dryrun.GIB
-    rc, out, err = start('pretrain.py', ['--preset=tiny', '--batch_size=1', '--block_size=16', '--dry_run',
-                                         '--dry_run_gpus=1', f'--gpu_memory_gb={gib}'])
+    rc, out, err = start('dryrun.py', ['pretrain.py', '--preset=tiny', '--batch_size=1', '--block_size=16', '--gpus=1',
+                                       f'--gpu_memory_gb={gib}'])
     assert rc == 0, err
     one_table(out)
     assert 'the configured run does NOT fit' in out
@@ -120,10 +118,10 @@ def test_a_run_that_does_not_fit_names_what_would_and_tried_it():
     assert any(c.startswith('try: ') and re.search(r'\b(2|4) GPUs', c) for c in columns), out  # tried, in the table
 
 
-@pytest.mark.parametrize('key, value', [('dry_run_gpus', 0), ('gpu', 'TPU v5'), ('mfu', 1.5)])
+@pytest.mark.parametrize('key, value', [('gpus', 0), ('gpu', 'TPU v5'), ('mfu', 1.5)])
 def test_bad_dry_run_settings_name_the_setting(key, value):
     config = {**CONFIG, 'batch_size': 1, 'grad_accum': 1, 'activation_checkpointing': False, 'compile': False,
-              'dry_run_gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4, key: value}
+              'gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4, key: value}
     with pytest.raises(trainer.UsageError, match=f'^{key}='):
         dryrun.dry_run(model_args('tiny'), config, max_steps=10)
 
@@ -180,15 +178,33 @@ def test_wrappers_leave_checkpoint_keys_unchanged(eager_compile, tmp_path):
     assert {k.removeprefix('model.') for k in saved} == names
 
 
-@pytest.mark.parametrize('stage, argv', [
-    (pretrain, ['config/moxin7b_phase1.py', '--dry_run', '--dry_run_gpus=64']),
-    (pretrain, ['config/moxin7b_phase1.py', '--dry_run', '--dry_run_gpus=16', '--gpu_memory_gb=40', '--gpu=A100',
-                  '--mfu=0.35', '--grad_accum=8']),
-    (sft, ['config/sft_tulu3.py', '--dry_run', '--dry_run_gpus=8', '--grad_accum=16'])])
-def test_the_readme_dry_run_commands_parse(stage, argv, monkeypatch):
-    """The README's 7B dry runs take minutes; here their settings are checked to be what they say."""
+@pytest.mark.parametrize('argv', [
+    ['pretrain.py', 'config/moxin7b_phase1.py', '--gpus=64'],
+    ['pretrain.py', 'config/moxin7b_phase1.py', '--gpus=16', '--gpu_memory_gb=40', '--gpu=A100', '--mfu=0.35',
+     '--grad_accum=8'],
+    ['sft.py', 'config/sft_tulu3.py', '--gpus=8', '--dataset_conversations=939343']])
+def test_7b_dry_run_commands_read_the_stage_settings(argv, monkeypatch):
+    """The 7B dry runs take minutes; here the settings they simulate are checked to be the config's."""
     monkeypatch.chdir(ROOT)
-    settings = {k: getattr(stage, k) for k in stage.config_keys}
-    apply_overrides(settings, stage.config_keys, argv)
-    assert settings['dry_run'] is True and dryrun.preset_args(settings['preset'], {}).n_layers == 36
+    stage, settings = dryrun.stage_settings(argv)
+    assert stage == argv[0][:-3] and settings['gpus'] == int(argv[2].split('=')[1])
+    assert settings['block_size'] == {'pretrain': 2048, 'sft': 4096}[stage]  # the config file's, not the default
+    shape = settings['preset'] if stage == 'pretrain' else settings['shape']
+    assert dryrun.preset_args(shape, {}).n_layers == 36
     assert trainer.datasheet_peak(settings['gpu']) is not None
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['dpo.py'], 'usage: python dryrun.py'),
+    (['pretrain.py', '--gpu_count=8'], "unknown config key '--gpu_count'"),
+    (['sft.py', 'config/sft_tulu3.py', '--dry_run'], "unknown config key '--dry_run'")])
+def test_a_bad_dry_run_command_is_one_line(argv, message):
+    rc, out, err = start('dryrun.py', argv)
+    assert rc == 2 and err.startswith('error: ') and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sft_steps_count_as_sft_counts_them():
+    # 939,343 conversations over 64 GPUs x 1 per batch: 14,677 batches per epoch; accumulation 128 / 64 = 2
+    config = {'gpus': 64, 'global_batch_size': 128, 'batch_size': 1, 'grad_accum': 1, 'epochs': 2,
+              'dataset_conversations': 939_343}
+    assert dryrun.sft_steps(config) == math.ceil(2 * 14_677 / 2)
