@@ -224,7 +224,7 @@ def main(rank, world_size, device):
     init_path = fetch_from_hub(init_from) if is_hub_id(init_from) else init_from  # the files it fingerprints
     resume_path = find_checkpoint(resume, out_dir)
     accum = grad_accum_for(global_batch_size, batch_size, world_size, 'pairs') if global_batch_size else grad_accum
-    args, init_state, tokenizer_spec = starting_weights(resume_path, init_path, rank, world_size)
+    args, init_state, tokenizer_spec = starting_weights(init_path, rank, world_size, resume_path)
     tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
     check_hf_export(tokenizer, export_hf)
     if loss_type not in ('dpo_norm', 'dpo'):

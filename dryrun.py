@@ -45,9 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from configurator import ConfigError, apply_overrides
-from model import model_args
 from trainer import (GPU_PEAK_FLOPS, UsageError, build_model, build_optimizer, datasheet_peak, flops_per_token,
-                     fsdp_precision, grad_accum_for, lm_loss, train_step)
+                     fsdp_precision, grad_accum_for, lm_loss, preset_args, train_step)
 
 # ----------------------------------------------------------------------------- the dry run's own settings
 gpus = 8                       # GPUs to simulate
@@ -166,14 +165,6 @@ def checkpoint_plan(model, optimizer):
         # a DTensor's numel is the full tensor's: the bytes all ranks write together
         return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
     return {'model': size(model_sd), 'optim': size(optim_sd)}
-
-
-def preset_args(preset, overrides):
-    """The model shape a dry run simulates: model.PRESETS[preset] with overrides (it reads no weights)."""
-    try:
-        return model_args(preset, **overrides)
-    except (TypeError, ValueError) as e:  # unknown preset or ModelArgs field
-        raise UsageError(f"preset={preset!r} model_overrides={overrides}: {e}") from None
 
 
 def dry_run(args, config, max_steps, loss_fn=lm_loss, make_batch=random_tokens):

@@ -24,7 +24,7 @@ The model build, FSDP2, AdamW, the optimizer step, checkpoints, resume, signals,
 logging are trainer.py's, shared with pretrain.py, sft.py and dpo.py; this file adds the four parts
 above. Rollouts are sampled from an unsharded copy of the policy (as verl samples with a separate
 vLLM engine), re-synced every step; the sampling seed of each group depends only on (seed, step,
-its place in the step), so 1 process and torchrun draw the same completions, and a resumed run
+its slot in the step), so 1 process and torchrun draw the same completions, and a resumed run
 draws the same ones it would have.
 
 Data (`dataset`, read by chats.rows): rows {problem, answer} (DeepScaleR's schema):
@@ -52,12 +52,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from chats import chat_tokenizer, math_prompt, rows
 from configurator import settings
 from dataloader import resume_position
-from model import Transformer, generate
+from model import Sampling, Transformer, generate
 from tasks.math_grader import math_reward
 from tokenizer import encode_chat
 from weights import is_hub_id
 from trainer import (Run, UsageError, build_model, build_optimizer, check_hf_export, checkpoint_meta, describe_model,
-                     find_checkpoint, launch, lr_at, read_init_weights, token_logprobs, train_step)
+                     find_checkpoint, launch, lr_at, starting_weights, token_logprobs, train_step)
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
 init_from = 'out/sft_arithmetic/final.pt'  # the policy's start and the frozen reference (sft.py --dataset=arithmetic)
@@ -129,7 +129,7 @@ def load_prompts(dataset, tokenizer, max_prompt_tokens):
 
 class PromptLoader:
     """prompts_per_step prompts per step, each epoch in a new seeded order; rank r of world_size takes
-    the step's prompts at places r, r + world_size, ... state_dict() resumes exactly."""
+    the step's prompts in slots r, r + world_size, ... state_dict() resumes exactly."""
 
     def __init__(self, n_prompts, prompts_per_step, rank=0, world_size=1, seed=0):
         self.n_prompts, self.prompts_per_step, self.rank, self.world_size, self.seed = \
@@ -138,7 +138,7 @@ class PromptLoader:
         self.epoch = self.step = 0
 
     def next_prompts(self):
-        """-> [(prompt index, its place in the step)] of this rank's prompts."""
+        """-> [(prompt index, its slot among the step's prompts_per_step)] of this rank's prompts."""
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_prompts)
@@ -172,17 +172,18 @@ def sync_rollout_model(policy, rollout_model):
     rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
 
 
-def sampler(seed, step, place, device):
-    """The random generator of one group: a function of (seed, step, the prompt's place in the step) only."""
-    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, place]).generate_state(1)[0]))
+def generator_for(seed, step, slot, device):
+    """The random generator of one group: a function of (seed, step, the prompt's slot in the step) only."""
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0]))
 
 
-def rollout(model, prompts, generators, eos_id, n=None):
-    """n (default group_size) completions of each prompt (new token ids, ending with EOS unless cut at
-    max_new_tokens), sampled at temperature / top_p; one call per group with the group's own
-    generator, so the prompt is prefilled once and shared by its samples."""
-    return [generate(model, [prompt] * (n or group_size), max_new_tokens, temperature=temperature, top_p=top_p,
-                     eos_id=eos_id, generator=g) for prompt, g in zip(prompts, generators)]
+def rollout(model, prompts, generators, n, max_new_tokens, temperature, top_p, eos_id):
+    """n completions of each prompt (new token ids, ending with EOS unless cut at max_new_tokens),
+    sampled at temperature / top_p; one call per group with the group's own generator, so the prompt
+    is prefilled once and shared by its samples."""
+    sampling = Sampling(temperature, top_p=top_p)
+    return [generate(model, [prompt] * n, max_new_tokens, sampling, eos_id=eos_id, generator=g)
+            for prompt, g in zip(prompts, generators)]
 
 
 # ----------------------------------------------------------------------------- 3. advantages
@@ -209,15 +210,15 @@ def collate(completions, pad_id):
     return x, y, torch.tensor([a for _, _, a in completions], dtype=torch.float32)
 
 
-def mini_batches_of(prompts, places, groups, advantages, pad_id):
-    """The step's completions as mini_batches lists of micro-batches. Mini-batch m holds the prompts at
-    places [m P/M, (m+1) P/M) of the step, on every rank, so it is the same set of completions
+def mini_batches_of(prompts, slots, groups, advantages, pad_id, prompts_per_step, mini_batches, micro_batch_size):
+    """The step's completions as mini_batches lists of micro-batches. Mini-batch m holds the prompts in
+    slots [m P/M, (m+1) P/M) of the step, on every rank, so it is the same set of completions
     whatever the world size."""
     per_mini = prompts_per_step // mini_batches
     out = []
     for m in range(mini_batches):
-        mine = [(p, c, a) for p, place, group, adv in zip(prompts, places, groups, advantages.tolist())
-                if place // per_mini == m for c, a in zip(group, adv)]
+        mine = [(p, c, a) for p, slot, group, adv in zip(prompts, slots, groups, advantages.tolist())
+                if slot // per_mini == m for c, a in zip(group, adv)]
         out.append([collate(mine[i:i + micro_batch_size], pad_id) for i in range(0, len(mine), micro_batch_size)])
     return out
 
@@ -260,7 +261,7 @@ def with_logprobs(policy, reference, micro_batch, device):
     return x, y, advantages, old, ref
 
 
-def update(policy, optimizer, minis, loss_fn, step_lr):
+def update(policy, optimizer, minis, loss_fn, step_lr, ppo_epochs, grad_clip):
     """ppo_epochs passes over the step's mini-batches, one optimizer step (trainer.train_step) each.
     -> the stats of the step: the mean of each number over the optimizer steps, tokens/flops/seconds summed."""
     all_stats = [train_step(policy, optimizer, micro, loss_fn, step_lr, grad_clip)
@@ -274,24 +275,26 @@ def update(policy, optimizer, minis, loss_fn, step_lr):
 HELDOUT_STEP = 2 ** 31 - 1  # the step the held-out samples are drawn at: no training step's, the same before and after
 
 
-def heldout_accuracy(model, problems, tokenizer, rank, world_size, device):
+def heldout_accuracy(model, problems, tokenizer, seed, max_new_tokens, samples, temperature, top_p):
     """Accuracy on problems (prompt ids, answer) through tasks.math_grader.math_reward: -> (greedy, sampled), sampled =
-    the mean over eval_samples completions per problem at temperature / top_p (DeepScaleR's "pass@1
-    averaged over 16 samples"; None if eval_samples = 0). Rank r answers every world_size-th problem; problem
-    i's samples come from sampler(seed, HELDOUT_STEP, i), so every run and both passes draw the same noise."""
+    the mean over `samples` completions per problem at temperature / top_p (DeepScaleR's "pass@1
+    averaged over 16 samples"; None if samples = 0). Rank r answers every world_size-th problem; problem
+    i's samples come from generator_for(seed, HELDOUT_STEP, i), so every run and both passes draw the same noise."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
     mine = list(range(rank, len(problems), world_size))
     prompts, answers = [problems[i][0] for i in mine], [problems[i][1] for i in mine]
     greedy = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id) if mine else []
-    sampled = rollout(model, prompts, [sampler(seed, HELDOUT_STEP, i, device) for i in mine], tokenizer.eos_id,
-                      eval_samples) if eval_samples else []
+    sampled = rollout(model, prompts, [generator_for(seed, HELDOUT_STEP, i, device) for i in mine], samples,
+                      max_new_tokens, temperature, top_p, tokenizer.eos_id) if samples else []
     right = lambda completions, answer: sum(math_reward(tokenizer.decode(c), answer) for c in completions)
     counts = torch.tensor([sum(right([c], a) for c, a in zip(greedy, answers)), len(mine),
-                           sum(right(group, a) for group, a in zip(sampled, answers)), len(sampled) * eval_samples],
+                           sum(right(group, a) for group, a in zip(sampled, answers)), len(sampled) * samples],
                           dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(counts)
     greedy_right, n, sampled_right, n_samples = counts.tolist()
-    return greedy_right / n, sampled_right / n_samples if eval_samples else None
+    return greedy_right / n, sampled_right / n_samples if samples else None
 
 
 def rollout_stats(rewards, groups, device):
@@ -302,11 +305,14 @@ def rollout_stats(rewards, groups, device):
     if dist.is_initialized():
         dist.all_reduce(sums)
     reward_sum, n, all_equal, length_sum = sums.tolist()
-    return {'reward': reward_sum / n, 'all_equal_groups': all_equal * group_size / n, 'response_len': length_sum / n}
+    return {'reward': reward_sum / n, 'all_equal_groups': all_equal * rewards.shape[1] / n, 'response_len': length_sum / n}
 
 
-def check_settings(world_size):
-    """Settings that cannot work, found before anything is read or written."""
+def check_settings(config, world_size):
+    """Settings (config: this script's, by name) that cannot work, found before anything is read or written."""
+    group_size, eval_samples, prompts_per_step, mini_batches, max_new_tokens, block_size, init_from = (
+        config[k] for k in ('group_size', 'eval_samples', 'prompts_per_step', 'mini_batches', 'max_new_tokens',
+                            'block_size', 'init_from'))
     if group_size < 2:
         raise UsageError(f"group_size={group_size}: GRPO needs at least 2 completions per prompt "
                          f"(each is compared with its group's mean)")
@@ -322,23 +328,18 @@ def check_settings(world_size):
                          f"run `python sft.py --dataset=arithmetic --out_dir=out/sft_arithmetic` first)")
 
 
-def read_start(rank, world_size):
-    """The starting model (the reference's weights, and the policy's unless resuming) and its tokenizer.
-    -> (ModelArgs, init state dict, Tokenizer, the checkpoint to resume from or None)."""
+def main(rank, world_size, device):
+    master = rank == 0
+    t_start = time.time()
+    config = {k: globals()[k] for k in config_keys}
+    check_settings(config, world_size)
+    # the reference is init_from's weights even when the policy resumes from a checkpoint
     resume_path = find_checkpoint(resume, out_dir)
-    args, init_state, tokenizer_spec = read_init_weights(init_from, rank, world_size)
+    args, init_state, tokenizer_spec = starting_weights(init_from, rank, world_size)
     if resume_path and checkpoint_meta(resume_path)['model_args'] != asdict(args):
         raise UsageError(f"{resume_path} holds a model of another shape than init_from={init_from}")
     tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
     check_hf_export(tokenizer, export_hf)
-    return args, init_state, tokenizer, resume_path
-
-
-def main(rank, world_size, device):
-    master = rank == 0
-    t_start = time.time()
-    check_settings(world_size)
-    args, init_state, tokenizer, resume_path = read_start(rank, world_size)
 
     # ---- the problems, in full, before anything is built or written
     prompts, too_long = load_prompts(dataset, tokenizer, block_size - max_new_tokens)
@@ -356,7 +357,6 @@ def main(rank, world_size, device):
     del init_state
     rollout_model = build_rollout_model(args, device)
     optimizer = build_optimizer(policy, lr, weight_decay, betas, eps, device)
-    config = {k: globals()[k] for k in config_keys}
     run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
               log_interval, ckpt_interval, keep_last)
     if master:
@@ -370,7 +370,8 @@ def main(rank, world_size, device):
 
     def log_heldout_accuracy():
         sync_rollout_model(policy, rollout_model)
-        greedy, sampled = heldout_accuracy(rollout_model, heldout, tokenizer, rank, world_size, device)
+        greedy, sampled = heldout_accuracy(rollout_model, heldout, tokenizer, seed, max_new_tokens, eval_samples,
+                                           temperature, top_p)
         line = f"held-out accuracy at step {run.step} ({len(heldout)} of {eval_dataset}): greedy {greedy:.1%}"
         if eval_samples:
             line += f", sampled {sampled:.1%} (mean of {eval_samples} at temperature {temperature})"
@@ -384,22 +385,23 @@ def main(rank, world_size, device):
     while run.step < max_steps:
         step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio)
         t0 = time.perf_counter()
-        indices, places = zip(*loader.next_prompts())
+        indices, slots = zip(*loader.next_prompts())
         step_prompts = [prompts[i][0] for i in indices]
         # 1. rollout: group_size samples of each prompt from the policy as it is now
         sync_rollout_model(policy, rollout_model)
-        groups = rollout(rollout_model, step_prompts, [sampler(seed, run.step, p, device) for p in places],
-                         tokenizer.eos_id)
+        groups = rollout(rollout_model, step_prompts, [generator_for(seed, run.step, s, device) for s in slots],
+                         group_size, max_new_tokens, temperature, top_p, tokenizer.eos_id)
         # 2. reward: r_i = 1 if the last \boxed{} of completion i is the answer, else 0
         rewards = torch.tensor([[math_reward(tokenizer.decode(c), prompts[i][1]) for c in group]
                                 for i, group in zip(indices, groups)])
         # 3. advantages: A_i = (r_i - mean(r)) / (std(r) + eps) within each group
         advantages = group_advantages(rewards, adv_eps)
         minis = [[with_logprobs(policy, reference, micro, device) for micro in mini]
-                 for mini in mini_batches_of(step_prompts, places, groups, advantages, tokenizer.eos_id)]
+                 for mini in mini_batches_of(step_prompts, slots, groups, advantages, tokenizer.eos_id,
+                                             prompts_per_step, mini_batches, micro_batch_size)]
         rollout_seconds = time.perf_counter() - t0
         # 4. loss: clipped surrogate + kl_coef * k3, per response token (grpo_loss); ppo_epochs x mini_batches steps
-        stats = update(policy, optimizer, minis, loss_fn, step_lr)
+        stats = update(policy, optimizer, minis, loss_fn, step_lr, ppo_epochs, grad_clip)
         stats.update(rollout_stats(rewards, groups, device), rollout_s=rollout_seconds,
                      seconds=stats['seconds'] + rollout_seconds)
         run.end_step(stats, step_lr)

@@ -23,10 +23,10 @@ from dataclasses import asdict
 
 from configurator import settings
 from dataloader import PackedLoader
-from model import model_args
 from tokenizer import Tokenizer
-from trainer import (Run, UsageError, build_model, build_optimizer, check_hf_export, describe_model, evaluate,
-                     find_checkpoint, grad_accum_for, launch, lm_loss, lr_at, starting_weights, train_step)
+from trainer import (Run, UsageError, autocast_context, build_model, build_optimizer, check_hf_export, clip_grad_norm,
+                     describe_model, evaluate, find_checkpoint, flops_per_token, grad_accum_for, launch, lr_at,
+                     mean_over_ranks, preset_args, starting_weights)
 from weights import is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= config/demo.py)
@@ -93,18 +93,6 @@ def open_data(rank, world_size):
     return tokenizer, data_meta['vocab_size'], train_loader, val_loader
 
 
-def starting_point(resume_path, rank, world_size):
-    """The model's shape and starting weights: our own checkpoint (resume) > init_from > random.
-    -> (ModelArgs, full state dict on rank 0 or None for random init / resume)."""
-    if resume_path or init_from:
-        args, init_state, _ = starting_weights(resume_path, init_from, rank, world_size)
-        return args, init_state
-    try:
-        return model_args(preset, **model_overrides), None
-    except (TypeError, ValueError) as e:  # unknown preset or ModelArgs field
-        raise UsageError(f"preset={preset!r} model_overrides={model_overrides}: {e}") from None
-
-
 def main(rank, world_size, device):
     master = rank == 0
     t_start = time.time()
@@ -115,7 +103,11 @@ def main(rank, world_size, device):
         raise UsageError(f"init_from={init_from}: no such file or directory")
     resume_path = find_checkpoint(resume, out_dir)
     accum = grad_accum_for(global_batch_size, batch_size, world_size) if global_batch_size else grad_accum
-    args, init_state = starting_point(resume_path, rank, world_size)
+    tokens_per_step = batch_size * accum * world_size * block_size
+    if resume_path or init_from:  # our own checkpoint's shape (Run.start loads its weights), else init_from's
+        args, init_state, _ = starting_weights(init_from, rank, world_size, resume_path)
+    else:
+        args, init_state = preset_args(preset, model_overrides), None
     if block_size > args.max_seq_len:
         raise UsageError(f"block_size={block_size} is larger than the model's max_seq_len={args.max_seq_len}")
     if data_vocab > args.vocab_size:
@@ -131,7 +123,6 @@ def main(rank, world_size, device):
     optimizer = build_optimizer(model, lr, weight_decay, betas, eps, device)
     if master:
         origin = f"resumed from {resume_path}" if resume_path else f"init from {init_from}" if init_from else "random init"
-        tokens_per_step = batch_size * accum * world_size * block_size
         print(describe_model(model, origin, world_size, device))
         print(f"global batch: {batch_size} x {accum} accum x {world_size} ranks = "
               f"{batch_size * accum * world_size} sequences x {block_size} = {tokens_per_step:,} tokens/step; "
@@ -146,13 +137,29 @@ def main(rank, world_size, device):
             val_loss = evaluate(model, val_loader, eval_batches, device)
             run.log({'step': run.step, 'val_loss': val_loss}, f"step {run.step}: val loss {val_loss:.4f}")
 
-    # ---- the loop
+    # ---- the loop: one optimizer step per iteration
     while run.step < max_steps:
         if eval_interval and run.step % eval_interval == 0:
             validate()
+        t0 = time.perf_counter()
         step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio)
-        batches = [train_loader.next_batch() for _ in range(accum)]
-        run.end_step(train_step(model, optimizer, batches, lm_loss, step_lr, grad_clip), step_lr)
+        step_loss = 0.0
+        for _ in range(accum):
+            x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
+            with autocast_context(device):  # bf16 on one CUDA GPU (under torchrun FSDP2's policy does it)
+                _, loss = model(x, targets=y)  # mean next-token cross-entropy over the micro-batch
+            # every position is a target, so each micro-batch's mean / accum is its share of the step's mean;
+            # FSDP2 averages the gradients over the ranks, which completes the mean over the global batch
+            (loss / accum).backward()
+            step_loss += loss.detach() / accum
+        grad_norm = clip_grad_norm(model, grad_clip)
+        for group in optimizer.param_groups:
+            group['lr'] = step_lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.end_step({'loss': mean_over_ranks(step_loss), 'grad_norm': grad_norm, 'tokens': tokens_per_step,
+                      'flops': flops_per_token(args, block_size) * tokens_per_step,
+                      'seconds': time.perf_counter() - t0}, step_lr)
 
     validate()
     run.finish(tokenizer, with_hf=export_hf)

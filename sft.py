@@ -94,7 +94,7 @@ def main(rank, world_size, device):
     if not resume_path and not (os.path.exists(init_from) or is_hub_id(init_from)):
         raise UsageError(f"init_from={init_from}: no such file or directory (the demo fine-tunes the demo "
                          f"model: run `python pretrain.py` first)")
-    args, init_state, tokenizer_spec = starting_weights(resume_path, init_from, rank, world_size)
+    args, init_state, tokenizer_spec = starting_weights(init_from, rank, world_size, resume_path)
     tokenizer = chat_tokenizer(tokenizer_spec, args, block_size)
     check_hf_export(tokenizer, export_hf)
 

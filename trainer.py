@@ -4,7 +4,7 @@ their own data and define their own loss; the rest is here, in the order a run u
 
     launch(main, globals(), keys)    read the config, join torchrun's process group, run main();
                                      bad input (UsageError) -> one line on stderr, exit code 2
-    read_init_weights, build_model   the starting weights; the model, sharded with FSDP2 under torchrun
+    starting_weights, build_model    the starting weights; the model, sharded with FSDP2 under torchrun
     build_optimizer, lr_at           AdamW (decay on matrices only); warmup + cosine/linear decay
     grad_accum_for                   the accumulation that makes a recipe's global batch on this many ranks
     train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip)
@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from configurator import configure
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, model_args
 from weights import ModelLoadError, export_hf, load_model, save_checkpoint
 
 # DCP warns on every single-process save/load that no process group exists; that is intended here
@@ -88,14 +88,19 @@ def launch(main, script_globals, keys):
 
 # ----------------------------------------------------------------------------- the model
 
-def read_init_weights(path, rank, world_size):
-    """Read a .pt checkpoint or HF model dir to start from (weights.load_model) on rank 0 only.
-    -> (ModelArgs, full state dict on rank 0 and {} elsewhere, tokenizer spec), ready for build_model.
+def starting_weights(init_from, rank, world_size, resume_path=None):
+    """The model's shape, starting weights and tokenizer spec -> (ModelArgs, state dict, spec).
+    init_from (a .pt checkpoint, HF model dir or hub id; weights.load_model) is read on rank 0 only:
+    the full state dict there, {} on the other ranks, ready for build_model. When resuming, the shape
+    and tokenizer are resume_path's and the state is None (Run.start loads the checkpoint's weights).
     Bad input raises UsageError on every rank, so no rank is left waiting for the others."""
+    if resume_path:
+        saved = checkpoint_meta(resume_path)
+        return ModelArgs(**saved['model_args']), None, saved['tokenizer']
     payload, state = [None], {}
     if rank == 0:
         try:
-            source, tokenizer_spec = load_model(path)
+            source, tokenizer_spec = load_model(init_from)
             payload, state = [(asdict(source.args), tokenizer_spec)], source.state_dict()
         except ModelLoadError as e:
             payload = [str(e)]
@@ -107,13 +112,12 @@ def read_init_weights(path, rank, world_size):
     return ModelArgs(**args), state, tokenizer_spec
 
 
-def starting_weights(resume_path, init_from, rank, world_size):
-    """The model's shape, starting weights and tokenizer: our own checkpoint's when resuming (Run.start
-    loads its weights), else init_from's. -> (ModelArgs, state dict or None, tokenizer spec)."""
-    if resume_path:
-        saved = checkpoint_meta(resume_path)
-        return ModelArgs(**saved['model_args']), None, saved['tokenizer']
-    return read_init_weights(init_from, rank, world_size)
+def preset_args(preset, overrides):
+    """A model shape from scratch: model.PRESETS[preset] with ModelArgs overrides, or a UsageError."""
+    try:
+        return model_args(preset, **overrides)
+    except (TypeError, ValueError) as e:  # unknown preset or ModelArgs field
+        raise UsageError(f"preset={preset!r} model_overrides={overrides}: {e}") from None
 
 
 def check_hf_export(tokenizer, export_hf):
@@ -240,6 +244,23 @@ def token_logprobs(model, x, y):
     return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none').view_as(y)
 
 
+def clip_grad_norm(model, max_norm):
+    """Scale the gradients down to a total norm of at most max_norm; -> the norm before clipping, a float.
+    Under FSDP2 each rank holds shards: the norm is over all of them, the same number on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+def mean_over_ranks(value):
+    """The mean over all ranks of a scalar tensor on this rank's device (each rank's loss is over
+    its own batches; the logged loss is the global batch's), as a float."""
+    value = value.detach().double()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
 def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip):
     """
     One optimizer step: forward/backward each micro-batch, normalise by the step's units over
@@ -270,11 +291,9 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip):
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(world_size / units)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()  # the norm over every rank's shards: the same on all ranks
+    grad_norm = clip_grad_norm(model, grad_clip)
     stats = {k: v / units for k, v in totals.items() if k not in ('tokens', 'flops')}
-    stats.update(grad_norm=grad_norm.item(), tokens=totals['tokens'], flops=totals['flops'])
+    stats.update(grad_norm=grad_norm, tokens=totals['tokens'], flops=totals['flops'])
     if math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']):
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -293,10 +312,7 @@ def evaluate(model, loader, n_batches, device):
         with autocast_context(device):
             _, loss = model(x.to(device), targets=y.to(device))
         total += loss
-    if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return total.item() / n_batches
+    return mean_over_ranks(total) / n_batches
 
 
 # ----------------------------------------------------------------------------- throughput

@@ -95,6 +95,7 @@ def reference(sums_model, problems, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the algorithm, by hand
 
+@pytest.mark.concept
 def test_group_advantages_by_hand():
     rewards = torch.tensor([[1., 0., 0., 1.], [1., 1., 1., 1.], [0., 0., 0., 0.], [1., 0., 0., 0.]])
     a = grpo.group_advantages(rewards, eps=1e-6)
@@ -105,6 +106,7 @@ def test_group_advantages_by_hand():
     assert a[1].tolist() == a[2].tolist() == [0.0] * 4  # all equal: no signal, exactly zero
 
 
+@pytest.mark.concept
 def test_loss_by_hand_with_clipping_on_both_sides():
     # two completions, three positions; the last position of row 1 is padding
     ratio = [[1.5, 0.9, 1.0], [0.5, 1.1, 7.0]]
@@ -126,6 +128,7 @@ def completions_of(prompts, lengths, vocab=256, seed=0):
     return [[torch.randint(3, vocab, (n,), generator=g).tolist() for n in group] for group in lengths]
 
 
+@pytest.mark.concept
 def test_gradient_is_reinforce_with_group_baseline():
     """One update per rollout: ratio = 1, nothing is clipped, and the gradient of the loss is
     -(1/N) sum_i A_i sum_t grad log pi(o_t), N the step's response tokens, computed here directly."""
@@ -151,6 +154,7 @@ def test_gradient_is_reinforce_with_group_baseline():
         assert torch.allclose(a, b.grad, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.concept
 def test_kl_and_its_gradient_vanish_when_policy_is_the_reference():
     model = tiny_model()
     reference = copy.deepcopy(model)
@@ -188,14 +192,12 @@ def test_padded_and_finished_rows_carry_no_loss():
     assert all(torch.allclose(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
-def test_sampling_is_reproducible_and_does_not_depend_on_the_ranks(monkeypatch):
-    monkeypatch.setattr(grpo, 'group_size', 3)
-    monkeypatch.setattr(grpo, 'max_new_tokens', 6)
-    monkeypatch.setattr(grpo, 'temperature', 1.0)
+def test_sampling_is_reproducible_and_does_not_depend_on_the_ranks():
     model = tiny_model()
     prompts = [[1, 5, 9], [1, 7], [3, 3, 3, 3], [8]]
-    sample = lambda step, places: grpo.rollout(model, [prompts[p] for p in places],
-                                               [grpo.sampler(11, step, p, 'cpu') for p in places], eos_id=None)
+    # 3 completions of at most 6 tokens each, at temperature 1, top_p 1, no EOS
+    sample = lambda step, slots: grpo.rollout(model, [prompts[s] for s in slots],
+                                              [grpo.generator_for(11, step, s, 'cpu') for s in slots], 3, 6, 1.0, 1.0, None)
     whole = sample(4, [0, 1, 2, 3])
     assert whole == sample(4, [0, 1, 2, 3])
     assert sample(4, [0, 2]) + sample(4, [1, 3]) == [whole[0], whole[2], whole[1], whole[3]]  # as 2 ranks split them
@@ -203,39 +205,37 @@ def test_sampling_is_reproducible_and_does_not_depend_on_the_ranks(monkeypatch):
     assert len(set(map(tuple, whole[0]))) > 1  # the samples of one group differ
 
 
-def test_a_learnable_reward_rises(monkeypatch):
+def test_a_learnable_reward_rises():
     """The whole step (rollout, advantages, mini-batches, old log-probs, update) on a tiny random
     model, rewarded 1 when its first new token is even: about half at first, most of them soon."""
-    for key, value in dict(group_size=8, prompts_per_step=4, mini_batches=1, ppo_epochs=1, micro_batch_size=16,
-                           max_new_tokens=1, temperature=1.0, grad_clip=1.0).items():
-        monkeypatch.setattr(grpo, key, value)
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
     loss_fn = lambda m, b: grpo.grpo_loss(m, b, clip_eps=0.2, kl_coef=0.0)
     prompts, mean_rewards = [[1, 5, 9], [1, 7], [3, 3, 3, 3], [8]], []
     for step in range(10):
-        groups = grpo.rollout(model, prompts, [grpo.sampler(0, step, p, 'cpu') for p in range(4)], eos_id=None)
+        # 8 completions of one token each, at temperature 1
+        groups = grpo.rollout(model, prompts, [grpo.generator_for(0, step, p, 'cpu') for p in range(4)], 8, 1, 1.0, 1.0,
+                              None)
         rewards = torch.tensor([[float(c[0] % 2 == 0) for c in group] for group in groups])
-        minis = grpo.mini_batches_of(prompts, range(4), groups, grpo.group_advantages(rewards), pad_id=0)
+        minis = grpo.mini_batches_of(prompts, range(4), groups, grpo.group_advantages(rewards), 0, prompts_per_step=4,
+                                     mini_batches=1, micro_batch_size=16)
         grpo.update(model, optimizer, [[grpo.with_logprobs(model, None, mb, 'cpu') for mb in mini] for mini in minis],
-                    loss_fn, 3e-2)
+                    loss_fn, 3e-2, ppo_epochs=1, grad_clip=1.0)
         mean_rewards.append(rewards.mean().item())
     assert sum(mean_rewards[:3]) / 3 < 0.7 and sum(mean_rewards[-3:]) / 3 > 0.9, mean_rewards
 
 
-def test_heldout_accuracy_greedy_and_sampled(monkeypatch, sums_model, mistral):
-    for key, value in dict(max_new_tokens=8, eval_samples=3, temperature=1.0, seed=3).items():
-        monkeypatch.setattr(grpo, key, value)
+def test_heldout_accuracy_greedy_and_sampled(sums_model, mistral):
     model = load_model(str(sums_model))[0]
     problems = [(encode_chat(mistral, chats.math_prompt(p), add_generation_prompt=True)[0], a) for p, a in SUMS]
     one_by_one = [math_reward(mistral.decode(generate(model, [p], 8, eos_id=mistral.eos_id)[0]), a) for p, a in problems]
-    greedy, sampled = grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu')
+    # seed 3, 8 new tokens, 3 samples each at temperature / top_p
+    accuracy = lambda samples, temperature: grpo.heldout_accuracy(model, problems, mistral, 3, 8, samples, temperature, 1.0)
+    greedy, sampled = accuracy(3, 1.0)
     assert greedy == sum(one_by_one) / 16 and 0 < greedy < 1
-    assert (sampled * 48) % 1 == 0 and grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu') == (greedy, sampled)
-    monkeypatch.setattr(grpo, 'temperature', 0.0)  # every sample is then the greedy answer
-    assert grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu') == (greedy, greedy)
-    monkeypatch.setattr(grpo, 'eval_samples', 0)
-    assert grpo.heldout_accuracy(model, problems, mistral, 0, 1, 'cpu') == (greedy, None)
+    assert (sampled * 48) % 1 == 0 and accuracy(3, 1.0) == (greedy, sampled)
+    assert accuracy(3, 0.0) == (greedy, greedy)  # at temperature 0 every sample is the greedy answer
+    assert accuracy(0, 1.0) == (greedy, None)
 
 
 def test_arithmetic_task_is_seeded_graded_and_held_out(mistral):
@@ -340,15 +340,13 @@ def test_deepscaler_config_parses():
     assert settings['prompts_per_step'] % (settings['mini_batches'] * 8) == 0  # fits torchrun --nproc_per_node=8
 
 
-def test_rollout_model_follows_the_policy(monkeypatch):
+def test_rollout_model_follows_the_policy():
     """Each step's rollouts come from the policy's current weights: nothing the rollout copy keeps
     between steps (e.g. generate's column-major head on CPU) may go stale after a sync."""
-    monkeypatch.setattr(grpo, 'group_size', 2)
-    monkeypatch.setattr(grpo, 'max_new_tokens', 5)
-    monkeypatch.setattr(grpo, 'temperature', 0.0)  # greedy: a random model's near-uniform sampling hides changes
     policy = tiny_model()
     rollout_model = grpo.build_rollout_model(policy.args, torch.device('cpu'))
-    sample = lambda model: grpo.rollout(model, [[1, 5, 9]], [grpo.sampler(0, 0, 0, 'cpu')], eos_id=None)
+    # 2 greedy completions of 5 tokens: a random model's near-uniform sampling would hide changes
+    sample = lambda model: grpo.rollout(model, [[1, 5, 9]], [grpo.generator_for(0, 0, 0, 'cpu')], 2, 5, 0.0, 1.0, None)
     samples = []
     for _ in range(2):
         grpo.sync_rollout_model(policy, rollout_model)
