@@ -27,7 +27,25 @@ from tqdm import tqdm
 
 from dataloader import decode_utf8, ordered_map, read_jsonl
 from tasks import get_task, read_split, render_examples
+from configurator import configure, settings
 from tokenizer import Tokenizer
+
+
+# ----------------------------------------------------------------------------- settings (= the demo's)
+out_dir = 'data/pydoc'
+tokenizer = 'mistral'          # tokenizer.Tokenizer.load spec
+# the embedded corpus: this interpreter's docs (text) and standard library (code), offline
+sources = [dict(name='pydoc', kind='pydoc', weight=0.5), dict(name='stdlib', kind='stdlib', weight=0.5)]
+max_tokens = 0                 # stop after this many tokens in all (0: when every source has run out)
+val_tokens = 2**17             # the mixture's first documents, until this many tokens, go to val_0000.bin
+shard_tokens = 2**22           # a shard closes at the first document boundary past this many tokens
+min_chars = 200                # SlimPajama's rule; 0 keeps every document
+dedup = True                   # exact + MinHash-LSH near-dedup across all sources
+dedup_threshold = 0.8          # Jaccard similarity of word 13-gram sets
+minhash_perms = 128
+minhash_bands = 0              # 0: choose for dedup_threshold the way datasketch does (9 bands of 13 for 0.8/128)
+workers = os.cpu_count()       # processes that clean, hash and tokenize
+config_keys = settings(globals())
 
 
 # ----------------------------------------------------------------------------- text sources
@@ -281,21 +299,6 @@ class Preparer:
 
 # ----------------------------------------------------------------------------- tokenize to shards
 
-DEFAULTS = dict(
-    out_dir='data/pydoc',
-    tokenizer='mistral',
-    # the embedded corpus: this interpreter's docs (text) and standard library (code), offline
-    sources=[dict(name='pydoc', kind='pydoc', weight=0.5), dict(name='stdlib', kind='stdlib', weight=0.5)],
-    max_tokens=0,           # stop after this many tokens in all (0: when every source has run out)
-    val_tokens=2**17,       # the mixture's first documents, until this many tokens, go to val_0000.bin
-    shard_tokens=2**22,     # a shard closes at the first document boundary past this many tokens
-    min_chars=200,          # SlimPajama's rule; 0 keeps every document
-    dedup=True,             # exact + MinHash-LSH near-dedup across all sources
-    dedup_threshold=0.8,    # Jaccard similarity of word 13-gram sets
-    minhash_perms=128,
-    minhash_bands=0,        # 0: choose for dedup_threshold the way datasketch does (9 bands of 13 for 0.8/128)
-    workers=os.cpu_count(),
-)
 STEPS = ('short', 'exact_dup', 'near_dup', 'kept')
 
 
@@ -440,10 +443,8 @@ def _report(meta, docs, tokens, seconds):
 # ----------------------------------------------------------------------------- command line
 
 if __name__ == '__main__':
-    from configurator import configure
-    config = dict(DEFAULTS)
-    configure(config, list(config))
+    configure(globals(), config_keys)
     try:
-        build(config)
+        build({k: globals()[k] for k in config_keys})
     except ValueError as e:
         sys.exit(f"error: {e}")

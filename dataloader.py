@@ -145,13 +145,15 @@ class PackedLoader:
         self.epoch, self.step = state['epoch'], state['step']
 
 
-def padded_rows(ids, mask, offsets, sequences, pad_id):
+def padded_rows(ids, mask, offsets, sequences):
     """(x, y) LongTensors [len(sequences), T] of the given sequences (sequence i is
     ids[offsets[i]:offsets[i + 1]]), right-padded to the longest: T is its length - 1, position t
-    predicts token t + 1, and y = -1 wherever the mask is off or there is only padding."""
+    predicts token t + 1, and y = -1 wherever the mask is off or there is only padding. The padding
+    is token 0: any id would do, since it follows every real token (causal attention never reads
+    it) and is never a target."""
     spans = [slice(offsets[i], offsets[i + 1]) for i in sequences]
     T = max(s.stop - s.start for s in spans) - 1
-    x = torch.full((len(spans), T), pad_id, dtype=torch.long)
+    x = torch.zeros((len(spans), T), dtype=torch.long)
     y = torch.full((len(spans), T), -1, dtype=torch.long)
     for row, s in enumerate(spans):
         row_ids, row_mask = torch.from_numpy(ids[s].astype(np.int64)), torch.from_numpy(mask[s])
@@ -178,9 +180,9 @@ class ChatLoader:
     resumes exactly.
     """
 
-    def __init__(self, ids, mask, offsets, batch_size, rank=0, world_size=1, seed=0, pad_id=0):
+    def __init__(self, ids, mask, offsets, batch_size, rank=0, world_size=1, seed=0):
         self.ids, self.mask, self.offsets = ids, mask, offsets
-        self.batch_size, self.rank, self.world_size, self.seed, self.pad_id = batch_size, rank, world_size, seed, pad_id
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.conversations = len(offsets) - 1
         self.steps_per_epoch = self.conversations // (batch_size * world_size)
         if self.steps_per_epoch == 0:
@@ -197,7 +199,7 @@ class ChatLoader:
         first = self.step * self.batch_size * self.world_size
         picked = self._order[first + self.rank:first + self.batch_size * self.world_size:self.world_size]
         self.step += 1
-        return padded_rows(self.ids, self.mask, self.offsets, picked, self.pad_id)
+        return padded_rows(self.ids, self.mask, self.offsets, picked)
 
     def state_dict(self):
         return dict(epoch=self.epoch, step=self.step, seed=self.seed, world_size=self.world_size,
@@ -233,8 +235,8 @@ class PairLoader:
     state_dict() resumes exactly.
     """
 
-    def __init__(self, ids, mask, offsets, pairs, batch_size, rank=0, world_size=1, seed=0, pad_id=0):
-        self.ids, self.mask, self.offsets, self.pad_id = ids, mask, offsets, pad_id
+    def __init__(self, ids, mask, offsets, pairs, batch_size, rank=0, world_size=1, seed=0):
+        self.ids, self.mask, self.offsets = ids, mask, offsets
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         shuffled = np.random.default_rng(seed).permutation(np.asarray(pairs))
         self.groups = [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
@@ -246,7 +248,7 @@ class PairLoader:
         """The micro-batch of group g."""
         index = self.groups[g]
         sequences = np.concatenate([2 * index, 2 * index + 1])
-        return (*padded_rows(self.ids, self.mask, self.offsets, sequences, self.pad_id), torch.from_numpy(index.astype(np.int64)))
+        return (*padded_rows(self.ids, self.mask, self.offsets, sequences), torch.from_numpy(index.astype(np.int64)))
 
     def next_batch(self):
         if self.step == self.steps_per_epoch:

@@ -237,7 +237,7 @@ def main(rank, world_size, device):
         raise UsageError(f"heldout_pairs={heldout_pairs}: expected at least 1 and fewer than the {n_pairs} pairs")
     heldout, train = split_pairs(n_pairs, heldout_pairs, seed)
     make_loader = partial(PairLoader, ids, mask, offsets, batch_size=batch_size, rank=rank, world_size=world_size,
-                          seed=seed, pad_id=tokenizer.eos_id)  # padding is never attended to nor scored
+                          seed=seed)
     loader, heldout_loader = make_loader(train), make_loader(heldout)
     if loader.steps_per_epoch == 0:
         raise UsageError(f"{len(train)} training pairs cannot fill one batch of {batch_size} on each of {world_size} ranks")

@@ -104,9 +104,10 @@ config_keys = settings(globals())
 
 # ----------------------------------------------------------------------------- prompts
 
-def load_prompts(dataset, tokenizer, max_prompt_tokens):
+def load_prompts(dataset, tokenizer, max_prompt_tokens, at_least=0):
     """Every problem of the dataset as (prompt ids in the chat template, ready for the reply; answer).
-    -> (prompts, how many were skipped for leaving no room for a response)."""
+    -> (prompts, how many were skipped for being longer than max_prompt_tokens); fewer than at_least
+    prompts left is a UsageError."""
     prompts, too_long = [], 0
     for where, row in rows(dataset):
         for field in ('problem', 'answer'):
@@ -124,6 +125,10 @@ def load_prompts(dataset, tokenizer, max_prompt_tokens):
             too_long += 1
         else:
             prompts.append((ids, str(answer)))
+    if len(prompts) < at_least:
+        raise UsageError(f"dataset={dataset}: {len(prompts)} usable problems ({too_long} skipped: longer than "
+                         f"block_size - max_new_tokens = {max_prompt_tokens} tokens) cannot fill one step "
+                         f"of prompts_per_step={at_least}")
     return prompts, too_long
 
 
@@ -342,12 +347,8 @@ def main(rank, world_size, device):
     check_hf_export(tokenizer, export_hf)
 
     # ---- the problems, in full, before anything is built or written
-    prompts, too_long = load_prompts(dataset, tokenizer, block_size - max_new_tokens)
+    prompts, too_long = load_prompts(dataset, tokenizer, block_size - max_new_tokens, at_least=prompts_per_step)
     heldout = load_prompts(eval_dataset, tokenizer, block_size - max_new_tokens)[0][:eval_limit] if eval_dataset else []
-    if len(prompts) < prompts_per_step:
-        raise UsageError(f"dataset={dataset}: {len(prompts)} usable problems ({too_long} skipped: longer than "
-                         f"block_size - max_new_tokens = {block_size - max_new_tokens} tokens) cannot fill one step "
-                         f"of prompts_per_step={prompts_per_step}")
     loader = PromptLoader(len(prompts), prompts_per_step, rank, world_size, seed)
 
     # ---- policy, frozen reference, rollout copy, optimizer, and where the run stands

@@ -100,8 +100,8 @@ def main(rank, world_size, device):
 
     # ---- the data, in full, before anything is built or written
     ids, mask, offsets, skipped = load_conversations(dataset, tokenizer, block_size, workers)
-    try:  # padding positions are never attended to nor trained on: any token will do
-        loader = ChatLoader(ids, mask, offsets, batch_size, rank, world_size, seed, pad_id=tokenizer.eos_id)
+    try:
+        loader = ChatLoader(ids, mask, offsets, batch_size, rank, world_size, seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if loss_reduction not in ('mean', 'sum'):

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import data
-from data import DEFAULTS, Dedup, MinHash, Preparer, build, long_enough
+from data import Dedup, MinHash, Preparer, build, long_enough
+
+DEFAULTS = {k: getattr(data, k) for k in data.config_keys}  # the settings python data.py runs with
 from dataloader import PackedLoader
 from tokenizer import Tokenizer, encode_chat
 
@@ -83,6 +85,7 @@ def exact_jaccard(a, b, n=13):
     return len(ga & gb) / len(ga | gb)
 
 
+@pytest.mark.concept
 def test_minhash_estimates_exact_jaccard(vocab):
     rng = np.random.default_rng(2)
     minhash = MinHash(num_perm=2048, bands=16)  # enough permutations that 0.05 is > 4 standard deviations
@@ -314,6 +317,7 @@ def test_loader_ranks_are_disjoint_and_cover_each_epoch_in_a_new_order(shard_dir
     assert window_starts(PackedLoader(shard_dir, 'train', 16, 3, world_size=2, seed=8), 33) != epoch1[0]
 
 
+@pytest.mark.concept
 def test_loader_resumes_exactly(shard_dir):
     uninterrupted = window_starts(PackedLoader(shard_dir, 'train', 16, 3, rank=1, world_size=2), 50)
     first = PackedLoader(shard_dir, 'train', 16, 3, rank=1, world_size=2)
@@ -383,6 +387,7 @@ def byte_tokenizer(monkeypatch):
     return Tokenizer.load('tiktoken:gpt2')
 
 
+@pytest.mark.concept
 def test_chat_mask_by_hand(monkeypatch):
     tok = byte_tokenizer(monkeypatch)
     messages = [dict(role='system', content='Be brief.'), dict(role='user', content='Hi?'),

@@ -149,6 +149,7 @@ def test_pairs_score_only_the_final_response(mistral, pairs_file):
     assert [r for _, r in demo] == [r for _, r in chat_data.pydoc_preferences(seed=1)]  # the same every run
 
 
+@pytest.mark.concept
 @pytest.mark.parametrize('loss_type', ['dpo_norm', 'dpo'])
 def test_loss_equals_the_hand_computation(mistral, pairs_file, loss_type):
     policy, ref_model = tiny_model(1), tiny_model(2)
@@ -158,7 +159,7 @@ def test_loss_equals_the_hand_computation(mistral, pairs_file, loss_type):
     reference = torch.tensor([[response_logp(ref_model, mistral, row[side])[0] for side in ('chosen', 'rejected')]
                               for row in PAIRS], dtype=torch.float32)
     with torch.no_grad():
-        one_by_one = PairLoader(ids, mask, offsets, range(len(PAIRS)), batch_size=1, pad_id=mistral.eos_id)
+        one_by_one = PairLoader(ids, mask, offsets, range(len(PAIRS)), batch_size=1)
         for g in range(len(PAIRS)):
             batch = one_by_one.group(g)
             loss_sum, units, metrics = dpo.dpo_loss(policy, batch, reference, beta, loss_type)
@@ -168,7 +169,7 @@ def test_loss_equals_the_hand_computation(mistral, pairs_file, loss_type):
             assert metrics['rewards/rejected'].item() == pytest.approx(hand[i][2], abs=1e-6)
             assert metrics['rewards/accuracies'].item() == (hand[i][1] > hand[i][2])
         # all ten in one padded micro-batch: the sums of the same
-        batch = PairLoader(ids, mask, offsets, range(len(PAIRS)), batch_size=len(PAIRS), pad_id=mistral.eos_id).group(0)
+        batch = PairLoader(ids, mask, offsets, range(len(PAIRS)), batch_size=len(PAIRS)).group(0)
         loss_sum, units, metrics = dpo.dpo_loss(policy, batch, reference, beta, loss_type)
     assert units == len(PAIRS) and loss_sum.item() == pytest.approx(sum(h[0] for h in hand), abs=1e-5)
     assert metrics['rewards/margins'].item() == pytest.approx(sum(h[1] - h[2] for h in hand), abs=1e-5)
@@ -180,7 +181,7 @@ def test_length_only_pair_differs_between_dpo_and_dpo_norm(mistral, tmp_path):
     policy, ref_model = tiny_model(1), tiny_model(2)
     row = PAIRS[4]
     ids, mask, offsets, _ = chat_data.load_pairs(str(write_jsonl(tmp_path / 'one.jsonl', [row])), mistral, 64, 1, 0)
-    batch = PairLoader(ids, mask, offsets, [0], batch_size=1, pad_id=mistral.eos_id).group(0)
+    batch = PairLoader(ids, mask, offsets, [0], batch_size=1).group(0)
     reference = torch.tensor([[response_logp(ref_model, mistral, row[side])[0] for side in ('chosen', 'rejected')]])
     losses = {}
     with torch.no_grad():

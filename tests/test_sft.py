@@ -85,13 +85,14 @@ def reference(tiny, chats, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- batches, by hand
 
+@pytest.mark.concept
 def test_targets_cover_exactly_the_assistant_replies(mistral):
     conversation = CHATS[1]  # system, user, assistant, user, assistant
     ids, mask = encode_chat(mistral, conversation)
     short_ids, short_mask = encode_chat(mistral, CHATS[2])
     offsets = [0, len(ids), len(ids) + len(short_ids)]
     loader = ChatLoader(np.array(ids + short_ids), np.array(mask + short_mask, dtype=bool), offsets,
-                            batch_size=2, pad_id=mistral.eos_id)
+                            batch_size=2)
     x, y = loader.next_batch()
     assert x.shape == y.shape == (2, len(ids) - 1)  # padded to the longer conversation
     # one row holds the long conversation, unchanged; the targets are the next tokens of its replies only
@@ -111,10 +112,11 @@ def test_targets_cover_exactly_the_assistant_replies(mistral):
     # the short conversation's row is padded with EOS inputs and ignored targets
     other = 1 - r
     n = len(short_ids) - 1
-    assert x[other, :n].tolist() == short_ids[:-1] and (x[other, n:] == mistral.eos_id).all()
+    assert x[other, :n].tolist() == short_ids[:-1] and (x[other, n:] == 0).all()
     assert (y[other, n:] == -1).all() and mistral.decode([t for t in y[other].tolist() if t != -1][:-1]) == 'Ciao!'
 
 
+@pytest.mark.concept
 def test_loss_is_the_mean_over_assistant_tokens(mistral):
     torch.manual_seed(0)
     model = Transformer(model_args('tiny', vocab_size=32000))
@@ -125,8 +127,7 @@ def test_loss_is_the_mean_over_assistant_tokens(mistral):
     offsets = [0]
     for ids, _ in encoded:
         offsets.append(offsets[-1] + len(ids))
-    loader = ChatLoader(np.array(flat_ids), np.array(flat_mask, dtype=bool), offsets, batch_size=3,
-                            pad_id=mistral.eos_id)
+    loader = ChatLoader(np.array(flat_ids), np.array(flat_mask, dtype=bool), offsets, batch_size=3)
     x, y = loader.next_batch()
     _, loss = model(x, targets=y)
     # by hand, from encode_chat's ids and mask (not from y): -log p(next token) at each assistant
@@ -206,6 +207,7 @@ def reduction_rank(rank, store, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.concept
 def test_loss_reduction_sum_weighs_every_token_and_mean_every_micro_batch(tmp_path):
     batches = reduction_batches()
     expected = {r: by_hand(batches, r) for r in ('sum', 'mean')}
