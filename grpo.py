@@ -56,8 +56,8 @@ from model import Sampling, Transformer, generate
 from tasks.math_grader import math_reward
 from tokenizer import encode_chat
 from weights import is_hub_id
-from trainer import (Run, UsageError, build_model, build_optimizer, check_hf_export, checkpoint_meta, describe_model,
-                     find_checkpoint, launch, lr_at, starting_weights, token_logprobs, train_step)
+from trainer import (Run, UsageError, autocast_context, build_model, build_optimizer, check_hf_export, checkpoint_meta,
+                     describe_model, find_checkpoint, launch, lr_at, starting_weights, token_logprobs, train_step)
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
 init_from = 'out/sft_arithmetic/final.pt'  # the policy's start and the frozen reference (sft.py --dataset=arithmetic)
@@ -258,11 +258,14 @@ def grpo_loss(model, batch, clip_eps, kl_coef):
 @torch.no_grad()
 def with_logprobs(policy, reference, micro_batch, device):
     """A micro-batch with the log-probs of its tokens appended: under the policy as it sampled them
-    (pi_old, before any update of this step) and under the reference (zeros without one: kl_coef = 0)."""
+    (pi_old, before any update of this step) and under the reference (zeros without one: kl_coef = 0).
+    Computed in the precision the training forward runs in (train_step's autocast), so that before the
+    first update the ratio pi / pi_old is exactly 1 and the KL to an identical reference exactly 0."""
     x, y, advantages = micro_batch
     xd, yd = x.to(device), y.to(device)
-    old = token_logprobs(policy, xd, yd).cpu()
-    ref = token_logprobs(reference, xd, yd).cpu() if reference is not None else torch.zeros_like(old)
+    with autocast_context(device):
+        old = token_logprobs(policy, xd, yd).cpu()
+        ref = token_logprobs(reference, xd, yd).cpu() if reference is not None else torch.zeros_like(old)
     return x, y, advantages, old, ref
 
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import chats  # noqa: E402
 import grpo  # noqa: E402  (importing it runs nothing: the run is under __main__)
+import trainer  # noqa: E402
 from tasks.math_grader import math_reward  # noqa: E402
 from model import Transformer, generate, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
@@ -169,6 +170,25 @@ def test_kl_and_its_gradient_vanish_when_policy_is_the_reference():
         model.norm.weight.mul_(1.5)
     loss, _, metrics = grpo.grpo_loss(model, batch, clip_eps=0.2, kl_coef=0.5)
     assert metrics['kl'].item() > 0 and loss.item() > 0
+
+
+def test_step_0_is_on_policy_in_reduced_precision(monkeypatch):
+    """pi_old and pi_ref are computed in the precision of the training forward: under bf16 autocast
+    (what one CUDA GPU trains in, emulated on the CPU), the first update of a step sees a ratio of
+    exactly 1 (nothing clipped) and a KL of exactly 0 to a reference that equals the policy."""
+    bf16 = lambda device: torch.autocast('cpu', dtype=torch.bfloat16)
+    monkeypatch.setattr(grpo, 'autocast_context', bf16)
+    monkeypatch.setattr(trainer, 'autocast_context', bf16)
+    model = tiny_model()
+    rows = [([1, 5, 9], [4, 8, 15], 1.0), ([2, 6], [16, 23, 42, 3], -1.0)]
+    batch = grpo.with_logprobs(model, copy.deepcopy(model), grpo.collate(rows, pad_id=0), 'cpu')
+    fp32_old = grpo.token_logprobs(model, *batch[:2])
+    assert (batch[3] - fp32_old).abs().max() > 1e-4  # bf16 differs from fp32: the test can tell them apart
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = trainer.train_step(model, optimizer, [batch], lambda m, b: grpo.grpo_loss(m, b, 0.2, 0.5), 0.0, 1.0)
+    assert stats['kl'] == 0 and stats['clip_frac'] == 0
+    # the loss is then -mean(A * ratio) with ratio = 1: the advantage-weighted token mean
+    assert stats['loss'] == pytest.approx(-(1.0 * 3 - 1.0 * 4) / 7)
 
 
 def test_padded_and_finished_rows_carry_no_loss():
