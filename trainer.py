@@ -11,9 +11,9 @@ their own data and define their own loss; the rest is here, in the order a run u
                                      one optimizer step over grad_accum micro-batches
     find_checkpoint, Run             out_dir: log.jsonl, resumable checkpoints, signals, final.pt
 
-A loss function is `loss_fn(model, batch) -> (loss_sum, units, metrics)`: the sum of the loss
-over the batch's units (tokens for a language-model loss, pairs for DPO), their number, and a
-dict of other sums to log per unit. train_step divides by the units of the whole step, over every
+A loss function is `loss_fn(model, batch) -> (loss_sum, count, metrics)`: the loss summed over
+the batch's terms (tokens for a language-model loss, pairs for DPO), how many terms, and a dict
+of other sums to log per term. train_step divides by the count of the whole step, over every
 micro-batch and rank, so an optimizer step is the same whatever the world size and accumulation
 (torchtitan normalises by the global token count the same way). A batch is a tuple whose first
 element is the input ids [B, T]: that is what the tokens/s and MFU counts read.
@@ -263,21 +263,21 @@ def mean_over_ranks(value):
 
 def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip):
     """
-    One optimizer step: forward/backward each micro-batch, normalise by the step's units over
+    One optimizer step: forward/backward each micro-batch, normalise by the step's count over
     all micro-batches and ranks, clip, update. Returns the floats to log: loss and grad_norm,
-    each metric of loss_fn per unit, and tokens / flops / seconds for the throughput counts.
+    each metric of loss_fn per term, and tokens / flops / seconds for the throughput counts.
     A NaN/inf loss or grad norm skips the update, so the weights stay at their last good values.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    sums = {}  # loss_sum, units, metric sums, tokens, flops: one all-reduce for all of them
+    sums = {}  # loss_sum, count, metric sums, tokens, flops: one all-reduce for all of them
     for batch in micro_batches:
         batch = tuple(t.to(device, non_blocking=True) for t in batch)
         with autocast_context(device):
-            loss_sum, units, metrics = loss_fn(model, batch)
-        loss_sum.backward()  # the sum's gradient; divided by the step's units below
+            loss_sum, count, metrics = loss_fn(model, batch)
+        loss_sum.backward()  # the sum's gradient; divided by the step's count below
         x = batch[0]
-        for key, value in {'loss': loss_sum.detach(), 'units': units, **metrics, 'tokens': x.numel(),
+        for key, value in {'loss': loss_sum.detach(), 'count': count, **metrics, 'tokens': x.numel(),
                            'flops': flops_per_token(model.args, x.shape[1]) * x.numel()}.items():
             sums[key] = sums.get(key, 0) + torch.as_tensor(value, dtype=torch.float64, device=device)
     keys = list(sums)
@@ -286,13 +286,13 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip):
     if world_size > 1:
         dist.all_reduce(totals)
     totals = dict(zip(keys, totals.tolist()))
-    units = max(totals.pop('units'), 1.0)
-    # FSDP averages gradients over ranks: x world_size / units turns that into the sum / units
+    count = max(totals.pop('count'), 1.0)
+    # FSDP averages gradients over ranks: x world_size / count turns that into the sum / count
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.mul_(world_size / units)
+            p.grad.mul_(world_size / count)
     grad_norm = clip_grad_norm(model, grad_clip)
-    stats = {k: v / units for k, v in totals.items() if k not in ('tokens', 'flops')}
+    stats = {k: v / count for k, v in totals.items() if k not in ('tokens', 'flops')}
     stats.update(grad_norm=grad_norm, tokens=totals['tokens'], flops=totals['flops'])
     if math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']):
         for group in optimizer.param_groups:
