@@ -78,7 +78,8 @@ kl_coef = 0.001                 # weight of the k3 KL(policy || reference) per t
 adv_eps = 1e-6                  # in the advantage's denominator (verl's epsilon)
 ppo_epochs = 1                  # passes over each step's rollouts
 mini_batches = 1                # optimizer steps per pass; 1 x 1 = on-policy
-micro_batch_size = 32           # completions per forward/backward (memory only: the step is the same)
+micro_batch_tokens = 4096       # the most padded tokens (rows x longest row) in one forward/backward: completions
+                                # are packed up to it (verl's ppo_max_token_len_per_gpu); memory only: the step is the same
 # optimizer and schedule
 max_steps = 40
 lr = 2e-4
@@ -215,7 +216,21 @@ def collate(completions, pad_id):
     return x, y, torch.tensor([a for _, _, a in completions], dtype=torch.float32)
 
 
-def mini_batches_of(prompts, slots, groups, advantages, pad_id, prompts_per_step, mini_batches, micro_batch_size):
+def micro_batches(completions, max_tokens, pad_id):
+    """(prompt, completion, advantage) triples packed into micro-batches (collate) of at most max_tokens
+    padded tokens each, rows x the longest row: longest first, so rows of like lengths share a micro-batch
+    and little of it is padding. A completion longer than max_tokens is a micro-batch of its own."""
+    length = lambda c: len(c[0]) + len(c[1]) - 1
+    out, current = [], []
+    for c in sorted(completions, key=length, reverse=True):  # stable: the same order on every run
+        if current and (len(current) + 1) * length(current[0]) > max_tokens:
+            out.append(collate(current, pad_id))
+            current = []
+        current.append(c)
+    return out + ([collate(current, pad_id)] if current else [])
+
+
+def mini_batches_of(prompts, slots, groups, advantages, pad_id, prompts_per_step, mini_batches, micro_batch_tokens):
     """The step's completions as mini_batches lists of micro-batches. Mini-batch m holds the prompts in
     slots [m P/M, (m+1) P/M) of the step, on every rank, so it is the same set of completions
     whatever the world size."""
@@ -224,7 +239,7 @@ def mini_batches_of(prompts, slots, groups, advantages, pad_id, prompts_per_step
     for m in range(mini_batches):
         mine = [(p, c, a) for p, slot, group, adv in zip(prompts, slots, groups, advantages.tolist())
                 if slot // per_mini == m for c, a in zip(group, adv)]
-        out.append([collate(mine[i:i + micro_batch_size], pad_id) for i in range(0, len(mine), micro_batch_size)])
+        out.append(micro_batches(mine, micro_batch_tokens, pad_id))
     return out
 
 
@@ -402,7 +417,7 @@ def main(rank, world_size, device):
         advantages = group_advantages(rewards, adv_eps)
         minis = [[with_logprobs(policy, reference, micro, device) for micro in mini]
                  for mini in mini_batches_of(step_prompts, slots, groups, advantages, tokenizer.eos_id,
-                                             prompts_per_step, mini_batches, micro_batch_size)]
+                                             prompts_per_step, mini_batches, micro_batch_tokens)]
         rollout_seconds = time.perf_counter() - t0
         # 4. loss: clipped surrogate + kl_coef * k3, per response token (grpo_loss); ppo_epochs x mini_batches steps
         stats = update(policy, optimizer, minis, loss_fn, step_lr, ppo_epochs, grad_clip)

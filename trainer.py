@@ -189,7 +189,7 @@ def _shard(model, mesh, precision):
 
 def autocast_context(device):
     """bf16 compute for a plain single-GPU run (FSDP's MixedPrecisionPolicy does it under torchrun)."""
-    if device.type == 'cuda' and not dist.is_initialized():
+    if torch.device(device).type == 'cuda' and not dist.is_initialized():
         return torch.autocast('cuda', dtype=torch.bfloat16)
     return nullcontext()
 

@@ -27,7 +27,7 @@ SUMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(
 LONG = ('What is ' + ' + '.join(['1'] * 30) + '?', '30')  # longer than block_size - max_new_tokens: skipped
 # 4 prompts x 4 completions a step, 2 epochs x 2 mini-batches of updates (so ratios move off 1 and clip);
 # one micro-batch = one group, so 2 ranks see the very same micro-batches (and padded tokens) as 1 process
-ARGS = ['--block_size=64', '--max_new_tokens=8', '--prompts_per_step=4', '--group_size=4', '--micro_batch_size=4',
+ARGS = ['--block_size=64', '--max_new_tokens=8', '--prompts_per_step=4', '--group_size=4', '--micro_batch_tokens=256',
         '--ppo_epochs=2', '--mini_batches=2', '--lr=3e-3', '--kl_coef=0.05', '--max_steps=6', '--ckpt_interval=3',
         '--log_interval=1', '--eval_limit=8', '--seed=5']
 LOGGED = ('reward', 'all_equal_groups', 'response_len', 'loss', 'kl', 'clip_frac', 'grad_norm', 'lr', 'tokens')
@@ -191,6 +191,30 @@ def test_step_0_is_on_policy_in_reduced_precision(monkeypatch):
     assert stats['loss'] == pytest.approx(-(1.0 * 3 - 1.0 * 4) / 7)
 
 
+def test_micro_batches_by_tokens_change_nothing_but_memory():
+    """Packing a step's completions into micro-batches of at most N padded tokens gives the loss,
+    the gradient (hence the update) and every logged number of one big batch."""
+    lengths = [(3, 9), (5, 2), (2, 14), (4, 4), (6, 1), (1, 7)]
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(1, 256, (p,), generator=g).tolist(), torch.randint(1, 256, (c,), generator=g).tolist(),
+             float(i % 3) - 1.0) for i, (p, c) in enumerate(lengths)]
+    packed = grpo.micro_batches(rows, max_tokens=24, pad_id=0)  # lengths 15 | 11 7 | 7 6 6
+    assert len(packed) == 3 and all(x.numel() <= 24 for x, _, _ in packed)
+    results = []
+    for micro in ([grpo.collate(rows, pad_id=0)], packed):
+        model = tiny_model()
+        reference = tiny_model(seed=1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        batches = [grpo.with_logprobs(model, reference, mb, 'cpu') for mb in micro]
+        stats = trainer.train_step(model, optimizer, batches, lambda m, b: grpo.grpo_loss(m, b, 0.2, 0.5), 1.0, 10.0)
+        results.append((stats, [p.detach().clone() for p in model.parameters()]))
+    (one, after_one), (many, after_many) = results
+    assert one['tokens'] > many['tokens']  # the padding left out
+    for key in ('loss', 'kl', 'clip_frac', 'grad_norm'):
+        assert many[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after_one, after_many))
+
+
 def test_padded_and_finished_rows_carry_no_loss():
     """A row that ended early (EOS) is padded: the padding is not a target, so neither its ids nor
     anything the model says there changes the loss or its gradient."""
@@ -238,7 +262,7 @@ def test_a_learnable_reward_rises():
                               None)
         rewards = torch.tensor([[float(c[0] % 2 == 0) for c in group] for group in groups])
         minis = grpo.mini_batches_of(prompts, range(4), groups, grpo.group_advantages(rewards), 0, prompts_per_step=4,
-                                     mini_batches=1, micro_batch_size=16)
+                                     mini_batches=1, micro_batch_tokens=4096)
         grpo.update(model, optimizer, [[grpo.with_logprobs(model, None, mb, 'cpu') for mb in mini] for mini in minis],
                     loss_fn, 3e-2, ppo_epochs=1, grad_clip=1.0)
         mean_rewards.append(rewards.mean().item())
