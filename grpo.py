@@ -93,6 +93,8 @@ seed = 1337
 # speed / memory
 compile = False
 activation_checkpointing = False
+dist_timeout_min = 60           # how long ranks wait for each other at a collective: each rank samples its own
+                                # rollouts, so ranks reach the update minutes apart (PyTorch's default is 10)
 # output
 out_dir = 'out/grpo'
 resume = 'auto'                 # 'auto' = newest complete checkpoint in out_dir, if any; or a checkpoint dir

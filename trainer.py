@@ -18,6 +18,7 @@ micro-batch and rank, so an optimizer step is the same whatever the world size a
 (torchtitan normalises by the global token count the same way). A batch is a tuple whose first
 element is the input ids [B, T]: that is what the tokens/s and MFU counts read.
 """
+import datetime
 import json
 import math
 import os
@@ -55,17 +56,20 @@ class UsageError(ValueError):
 
 # ----------------------------------------------------------------------------- the entry point
 
-def setup_distributed():
-    """-> (rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them, one plain process."""
+def setup_distributed(timeout_min=10):
+    """-> (rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them, one plain process.
+    timeout_min: how long a rank waits at a collective for the others before the run is aborted
+    (NCCL's watchdog); 10 minutes is PyTorch's default."""
     if 'RANK' not in os.environ:
         return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    timeout = datetime.timedelta(minutes=timeout_min)
     if torch.cuda.is_available():
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
         torch.cuda.set_device(device)
-        dist.init_process_group('nccl', device_id=device)
+        dist.init_process_group('nccl', device_id=device, timeout=timeout)
     else:
         device = torch.device('cpu')
-        dist.init_process_group('gloo')
+        dist.init_process_group('gloo', timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -74,7 +78,8 @@ def launch(main, script_globals, keys):
     (the globals named by keys, see configurator.py), join the process group when under torchrun,
     call main(rank, world_size, device), and turn a UsageError into one line and exit code 2."""
     configure(script_globals, keys)
-    rank, world_size, device = setup_distributed()
+    # a stage whose ranks can be minutes apart (grpo.py: rollouts of different lengths) sets its own
+    rank, world_size, device = setup_distributed(script_globals.get('dist_timeout_min', 10))
     try:
         main(rank, world_size, device)
     except UsageError as e:

@@ -66,6 +66,7 @@ def reference(data_dir, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- pure functions
 
+@pytest.mark.concept
 def test_lr_schedule():
     peak, warmup, total = 3e-4, 100, 1100
     lr = lambda step: trainer.lr_at(step, peak, warmup, total, min_lr_ratio=0.1)
@@ -88,6 +89,22 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed) + len(plain) == len(list(model.parameters()))
 
 
+def test_a_stage_sets_how_long_ranks_wait_for_each_other():
+    """launch() joins the process group with the script's dist_timeout_min (grpo.py's ranks can be
+    minutes apart), read after the config file and --key=value overrides."""
+    script = ("import torch, trainer\nfrom torch.distributed import distributed_c10d as c10d\n"
+              "dist_timeout_min = 60\n"
+              "main = lambda rank, world_size, device: print(c10d._get_default_group()"
+              "._get_backend(torch.device('cpu')).options._timeout)\n"
+              "trainer.launch(main, globals(), ['dist_timeout_min'])\n")
+    env = {**ENV, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(29500 + os.getpid() % 1000)}
+    out = subprocess.run([sys.executable, '-c', script, '--dist_timeout_min=42'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == '0:42:00', out.stderr
+
+
+@pytest.mark.concept
 def test_grad_accum_for_makes_the_global_batch():
     assert trainer.grad_accum_for(512, 4, 8) == 16 and trainer.grad_accum_for(512, 4, 64) == 2
     with pytest.raises(trainer.UsageError, match=r'global_batch_size=512 sequences is not a multiple of '
