@@ -190,11 +190,16 @@ def dry_run(args, config, max_steps, loss_fn=lm_loss, make_batch=random_tokens):
     if not _fits(results[configured].peak, capacity):
         for setup in _alternatives(configured, results[configured].peak, capacity):
             results[setup] = simulate(args, config, setup, loss_fn, make_batch)
+    no_ac = replace(configured, activation_checkpointing=False)
+    if configured.activation_checkpointing and _fits(results[configured].peak, capacity):
+        results[no_ac] = simulate(args, config, no_ac, loss_fn, make_batch)  # would it fit without the recompute?
     print(_table(results, capacity))
     if config['compile']:
         print("compile=True: measured without it (Dynamo does not trace under the dry run's dispatch modes); "
               "compiled blocks keep a different set of tensors for backward")
     print(_arithmetic(args, config, configured, max_steps, results[configured].plan))
+    if no_ac in results and _fits(results[no_ac].peak, capacity):
+        print(_without_checkpointing(args, config, configured, max_steps))
     print(f"(dry run: {len(results)} simulation(s) on this CPU in {time.time() - t0:.0f}s; nothing read or written)")
 
 
@@ -249,9 +254,12 @@ def _table(results, capacity):
     rows.append([f"fits {capacity / GIB:g} GiB (with {1 - HEADROOM:.0%} headroom)?"] +
                 ['yes' if _fits(results[s].peak, capacity) else '**no**' for s in setups])
     lines = ['| ' + ' | '.join(r) + ' |' for r in rows]
-    verdict = 'fits' if _fits(results[setups[0]].peak, capacity) else 'does NOT fit'
+    fits = _fits(results[setups[0]].peak, capacity)
+    verdict = 'fits' if fits else 'does NOT fit'
     fixes = [_describe(s) for s in setups[1:] if _fits(results[s].peak, capacity)]
-    if len(setups) > 1:
+    if fits and fixes:
+        verdict += f"; it also fits with: {' | '.join(fixes)}"
+    elif not fits:
         verdict += f"; it would fit with: {' | '.join(fixes)}" if fixes else '; none of the tried settings fits either'
     return f"dry run: the configured run {verdict}\n\n" + '\n'.join(lines) + '\n'
 
@@ -288,6 +296,30 @@ def _arithmetic(args, config, setup, max_steps, plan):
     lines.append(f"checkpoint (DCP, all ranks together): model {n_model} tensors, {_size(model_bytes)} + optimizer "
                  f"{n_optim} tensors, {_size(optim_bytes)} per save; final.pt {_size(model_bytes)}")
     return '\n'.join(lines)
+
+
+def recompute_flops_per_token(args, seq_len):
+    """The FLOPs per token activation checkpointing adds: every block's forward once more, i.e. a third
+    of the blocks' training FLOPs (2 of 6 per weight, 4 of the attention's 12); the head is not recomputed."""
+    head = 6 * args.vocab_size * args.dim
+    return (flops_per_token(args, seq_len) - head) / 3
+
+
+def _without_checkpointing(args, config, setup, max_steps):
+    """What turning activation checkpointing off saves, at the hardware FLOP/s the configured run has."""
+    block = config['block_size']
+    useful, extra = flops_per_token(args, block), recompute_flops_per_token(args, block)
+    tokens = setup.batch_size * setup.grad_accum * setup.gpus * block
+    with_ac = tokens * useful / (setup.gpus * datasheet_peak(config['gpu']) * config['mfu'])
+    without = with_ac * useful / (useful + extra)
+    line = (f"without activation checkpointing it fits too: no block's forward is recomputed ({extra:.4g} of "
+            f"{useful + extra:.4g} FLOPs per token), so at the same hardware FLOP/s time/step {with_ac:.3g} -> "
+            f"{without:.3g} s (MFU {config['mfu']:.0%} -> {config['mfu'] * (useful + extra) / useful:.0%})")
+    if max_steps:
+        hours = [max_steps * s * setup.gpus / 3600 for s in (with_ac, without)]
+        line += (f"; whole run {_number(hours[0])} -> {_number(hours[1])} GPU-hours: set "
+                 f"activation_checkpointing=False")
+    return line
 
 
 # ----------------------------------------------------------------------------- the command

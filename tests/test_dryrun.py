@@ -103,6 +103,22 @@ def test_a_run_that_fits_says_so(capsys):
     assert 'whole run: 200 steps' in out and 'GPU-hours' in out
 
 
+def test_a_run_that_fits_with_checkpointing_says_what_turning_it_off_saves(capsys):
+    config = {**CONFIG, 'batch_size': 1, 'grad_accum': 1, 'activation_checkpointing': True, 'compile': False,
+              'gpus': 2, 'gpu_memory_gb': 80.0, 'gpu': 'H100', 'mfu': 0.4}
+    dryrun.dry_run(model_args('tiny'), config, max_steps=200)
+    out = capsys.readouterr().out
+    assert 'the configured run fits; it also fits with: 2 GPUs, 1 x 1 accum, AC off' in out
+    # by hand, tiny at 32 tokens: per block 64 x 16 x (2 x 4 + 2 x 2) attention + 3 x 64 x 128 SwiGLU = 36,864
+    # weights, 2 blocks, head 256 x 64 = 16,384; attention reads min(32, window 8) keys: 12 x 2 x 4 x 16 x 8
+    useful = 6 * (2 * 36_864 + 16_384) + 12 * 2 * 4 * 16 * 8
+    recompute = (useful - 6 * 16_384) / 3  # the blocks' forward again
+    assert useful == 552_960 and dryrun.recompute_flops_per_token(model_args('tiny'), 32) == recompute == 151_552
+    with_ac = 64 * useful / (2 * 989e12 * 0.4)  # 1 x 1 x 2 GPUs x 32 tokens
+    assert f"time/step {with_ac:.3g} -> {with_ac * useful / (useful + recompute):.3g} s (MFU 40% -> 51%)" in out
+    assert 'set activation_checkpointing=False' in out
+
+
 def test_a_run_that_does_not_fit_names_what_would_and_tried_it():
     # on one GPU, sized so that the weights, gradients and AdamW state alone leave no room
     one_gpu = simulate(1, batch_size=1, grad_accum=1, block_size=16).peak['Total']
