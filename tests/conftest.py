@@ -3,6 +3,11 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'concept: a test that teaches one idea of the recipe, indexed in '
+                                       'tests/README.md; run them alone with `python -m pytest -m concept tests`')
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     """Torch on one thread for a module: tiny models run several times faster on one thread than

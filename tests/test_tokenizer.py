@@ -67,6 +67,7 @@ def test_export_matches_sentencepiece_in_transformers(exported, mistral):
         assert from_dir.encode(text) == mistral.encode(text), text
 
 
+@pytest.mark.concept
 def test_export_chat_template_renders_encode_chat(exported, mistral):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(exported))
