@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import dryrun
+import grpo
 import model as model_module
 import trainer
 from model import Transformer, model_args
@@ -72,14 +73,22 @@ def test_the_dry_run_runs_the_real_build_path(monkeypatch):
         simulate(2, activation_checkpointing=True)
 
 
-def test_dry_run_matches_a_real_two_rank_run(tmp_path):
-    out = tmp_path / 'rank0.json'
+@pytest.fixture(scope='module')
+def real_two_ranks(tmp_path_factory):
+    """tests/shard_probe.py under torchrun, 2 ranks (gloo): rank 0's parameter layout, bytes and losses."""
+    out = tmp_path_factory.mktemp('probe') / 'rank0.json'
     rc, _, err = start('tests/shard_probe.py', [str(out)], nproc=2)
     assert rc == 0, err
     real = json.loads(out.read_text())
+    real['layout'] = {k: [p, s, d] for k, (p, s, d) in real['layout'].items()}
+    return real
+
+
+def test_dry_run_matches_a_real_two_rank_run(real_two_ranks):
+    real = real_two_ranks
     with dryrun.fake_ranks(2) as fsdp:
         fake = trainer.build_model(model_args('tiny'), torch.device('cpu'), 0, fsdp=fsdp)
-        assert layout(fake) == {k: [p, s, d] for k, (p, s, d) in real['layout'].items()}
+        assert layout(fake) == real['layout']
     held = simulate(2).at_update
     assert (held['Sharded Param'], held['OptState']) == (real['params'], real['optimizer'])
     # and the real run trains compiled, checkpointed, sharded blocks: one graph for all, the same loss
@@ -198,20 +207,26 @@ def test_wrappers_leave_checkpoint_keys_unchanged(eager_compile, tmp_path):
     ['pretrain.py', 'config/moxin7b_phase1.py', '--gpus=64'],
     ['pretrain.py', 'config/moxin7b_phase1.py', '--gpus=16', '--gpu_memory_gb=40', '--gpu=A100', '--mfu=0.35',
      '--grad_accum=8'],
-    ['sft.py', 'config/sft_tulu3.py', '--gpus=8', '--dataset_conversations=939343']])
+    ['sft.py', 'config/sft_tulu3.py', '--gpus=8', '--dataset_conversations=939343'],
+    ['dpo.py', 'config/dpo_tulu3.py', '--gpus=8', '--dataset_pairs=271409'],
+    ['grpo.py', 'config/grpo_deepscaler.py', '--gpus=64', '--max_new_tokens=24576', '--block_size=25600',
+     '--group_size=16']])
 def test_7b_dry_run_commands_read_the_stage_settings(argv, monkeypatch):
     """The 7B dry runs take minutes; here the settings they simulate are checked to be the config's."""
     monkeypatch.chdir(ROOT)
     stage, settings = dryrun.stage_settings(argv)
     assert stage == argv[0][:-3] and settings['gpus'] == int(argv[2].split('=')[1])
-    assert settings['block_size'] == {'pretrain': 2048, 'sft': 4096}[stage]  # the config file's, not the default
+    # the config file's, not the stage's defaults (and the 24k phase's overrides)
+    assert settings['block_size'] == {'pretrain': 2048, 'sft': 4096, 'dpo': 2048, 'grpo': 25600}[stage]
+    assert settings['micro_batch_tokens' if stage == 'grpo' else 'global_batch_size'] == {
+        'pretrain': 512, 'sft': 128, 'dpo': 128, 'grpo': 32768}[stage]
     shape = settings['preset'] if stage == 'pretrain' else settings['shape']
     assert dryrun.preset_args(shape, {}).n_layers == 36
     assert trainer.datasheet_peak(settings['gpu']) is not None
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['dpo.py'], 'usage: python dryrun.py'),
+    (['eval.py'], 'usage: python dryrun.py'),
     (['pretrain.py', '--gpu_count=8'], "unknown config key '--gpu_count'"),
     (['sft.py', 'config/sft_tulu3.py', '--dry_run'], "unknown config key '--dry_run'")])
 def test_a_bad_dry_run_command_is_one_line(argv, message):
@@ -224,3 +239,153 @@ def test_sft_steps_count_as_sft_counts_them():
     config = {'gpus': 64, 'global_batch_size': 128, 'batch_size': 1, 'grad_accum': 1, 'epochs': 2,
               'dataset_conversations': 939_343}
     assert dryrun.sft_steps(config) == math.ceil(2 * 14_677 / 2)
+
+
+# ----------------------------------------------------------------------------- DPO and GRPO
+
+def tiny_stage(stage, *overrides):
+    """The stage's own settings (its defaults, as stage_settings reads them) on the tiny shape, 2 GPUs."""
+    return dryrun.stage_settings([f'{stage}.py', '--shape=tiny', '--gpus=2', '--compile=False', *overrides])[1]
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """What the dry run makes, in order: the models it builds, its simulations, GRPO's memory columns."""
+    seen = {'models': [], 'simulated': [], 'memory': []}
+
+    def spy(name, key):
+        real = getattr(dryrun, name)
+        monkeypatch.setattr(dryrun, name, lambda *a, **kw: seen[key].append(real(*a, **kw)) or seen[key][-1])
+    spy('build_model', 'models')
+    spy('simulate', 'simulated')
+    spy('grpo_memory', 'memory')
+    return seen
+
+
+def table_rows(out):
+    """{row label: cell} of the one-column table in out."""
+    return {cells[1].strip(): cells[2].strip() for line in one_table(out).splitlines()
+            if line.startswith('| ') and len(cells := line.split('|')) == 4}
+
+
+def test_grpo_dry_run_rows_layout_and_the_held_memory_by_hand(built, capsys, real_two_ranks):
+    # tiny at 2 GPUs: 4 prompts / 2 x group 4 = 8 completions per rank, prompts of up to 24 - 16 = 8 tokens
+    config = tiny_stage('grpo', '--block_size=24', '--max_new_tokens=16', '--prompts_per_step=4', '--group_size=4',
+                        '--micro_batch_tokens=64', '--activation_checkpointing=False')
+    dryrun.grpo_dry_run(model_args('tiny'), config)
+    out = capsys.readouterr().out
+    (memory,) = built['memory']
+    assert sum(memory.get(k, 0) for kinds in dryrun.RL_KINDS.values() for k in kinds) == memory['Total']
+    rows = table_rows(out)
+    assert list(rows)[2:-4] == list(dryrun.RL_KINDS)
+    assert rows['**total**, every row at once'] == f"**{dryrun._size(memory['Total'])}**"
+    # the verdict's peak: the larger of the two phases, the KV cache held while generating only
+    assert memory['Updating'] == memory['Total'] - memory['KV cache'] > memory['Generating']
+    P = n_params(model_args('tiny'))
+    assert memory['Rollout copy'] == 2 * P  # bf16, whole, on every rank
+    # 8 rows x 2 layers x (K and V) x 2 kv heads x 8 slots (the window: 24 > 8) x head_dim 16 x 2 bytes
+    assert memory['KV cache'] == 8 * 2 * 2 * 2 * 8 * 16 * 2
+    assert memory['Reference'] == 4 * P // 2  # fp32 shards, as grpo.py builds it: build_model, then frozen
+    # the policy and the reference, as built in the simulation, are laid out as a real 2-rank run lays them out
+    policy, reference = built['models']
+    assert layout(policy) == layout(reference) == real_two_ranks['layout']
+    assert not any(p.requires_grad for p in reference.parameters())
+
+
+def test_kv_cache_is_the_rolling_buffer_or_the_block():
+    args = model_args('tiny')  # window 8
+    assert dryrun.kv_cache_bytes(args, 5, 6) == 5 * 2 * 2 * 2 * 6 * 16 * 2  # 6 tokens fit in the window
+    assert dryrun.kv_cache_bytes(args, 5, 100) == 5 * 2 * 2 * 2 * 8 * 16 * 2  # the window's 8 slots
+
+
+@pytest.mark.parametrize('budget, block', [(64, 24), (16, 24), (100, 31), (23, 24)])
+def test_the_simulated_micro_batch_is_the_fullest_grpo_packs(budget, block):
+    rows, length = dryrun.fullest_micro_batch(budget, block)
+    assert length <= block - 1 and (rows * length <= budget or rows == 1)
+    completion = ([1, 2], [3] * (length - 1), 0.5)  # x drops the last token: length = prompt + completion - 1
+    first = grpo.micro_batches([completion] * (rows + 1), budget, pad_id=0)[0]
+    assert first[0].shape == (rows, length)  # every row that fits, and not one more
+
+
+def test_decode_time_is_the_hand_count():
+    args = model_args('tiny')
+    matmul = 2 * 36_864 + 16_384  # tiny's matmul weights, counted in test_a_run_that_fits_with_checkpointing...
+    weights = 2 * matmul  # bf16 bytes
+    per_slot = 2 * 2 * 2 * 16 * 2  # layers x (K, V) x kv heads x head_dim x bf16
+    filled = [min(2 + t, 8) for t in range(1, 9)]  # 2-token prompts, 8 new tokens, a window of 8 slots
+    memory_bound = sum(weights + 3 * f * per_slot for f in filled) / 1e9
+    assert dryrun.decode_seconds(args, 3, 2, 8, 1e9, 1e15) == pytest.approx(memory_bound)
+    # compute-bound: per row 2 FLOPs per matmul weight + 4 x layers x heads x head_dim per key read
+    compute_bound = sum(3 * (2 * matmul + 4 * 2 * 4 * 16 * f) for f in filled) / 1e6
+    assert dryrun.decode_seconds(args, 3, 2, 8, 1e15, 1e6) == pytest.approx(compute_bound)
+
+
+def test_grpo_step_time_is_the_hand_count(capsys):
+    config = tiny_stage('grpo', '--block_size=24', '--max_new_tokens=16', '--prompts_per_step=4', '--group_size=4',
+                        '--max_steps=10')
+    args, setup = model_args('tiny'), dryrun.RLSetup(2, 64, False, 8)
+    print(dryrun._grpo_arithmetic(args, config, setup))
+    out = capsys.readouterr().out
+    flops_per_s = 989e12 * 0.4
+    per_token = lambda T: 6 * (2 * 36_864 + 16_384) + 12 * 2 * 4 * 16 * min(T, 8)
+    decode = dryrun.decode_seconds(args, 8, 8, 16, 3.35e12, flops_per_s)
+    prefill = 2 * 8 * per_token(8) / 3 / flops_per_s  # 2 prompts of 8 tokens, each prefilled once
+    tokens = 8 * 23  # 8 completions of 8 + 16 - 1 tokens
+    step = decode + prefill + 2 * tokens * per_token(23) / 3 / flops_per_s + tokens * per_token(23) / flops_per_s
+    assert f"time/step: {dryrun._number(step)} s" in out
+    assert f"whole run: 10 steps: {dryrun._number(10 * step / 3600)} hours on 2 GPUs" in out
+
+
+def test_a_grpo_run_that_does_not_fit_names_what_would(built, capsys):
+    # 512 prompts x 8 samples on 2 GPUs: 2,048 completions a rank, whose KV cache is what does not fit
+    config = tiny_stage('grpo', '--block_size=24', '--max_new_tokens=16', '--prompts_per_step=512', '--group_size=8',
+                        '--micro_batch_tokens=64', '--activation_checkpointing=True', '--kl_coef=0')
+    args = model_args('tiny')
+    dryrun.grpo_dry_run(args, config)
+    held, kv_row = built['memory'][0], dryrun.kv_cache_bytes(args, 1, 24)
+    assert held['Generating'] > held['Updating']
+    without_cache = held['Generating'] - held['KV cache']
+    rows = 8 * math.ceil((held['Updating'] - without_cache) / kv_row / 8 + 1)  # whole groups; the update fits too
+    room = without_cache + rows * kv_row + kv_row / 2
+    dryrun.grpo_dry_run(args, {**config, 'gpu_memory_gb': room / dryrun.HEADROOM / dryrun.GIB})
+    out = capsys.readouterr().out.split('(dry run: ')[1]
+    assert 'the configured run does NOT fit' in out
+    assert 'reference, sharded (frozen) | 0.00 MiB' in out  # kl_coef=0: no reference
+    fix = re.search(r'it would fit with: (.*)', out).group(1)
+    assert f'2 GPUs, micro-batches of 64 tokens, AC on, {rows} completions generated at once' in fix
+    # and each other one-change setting was tried, in a column of the table
+    assert 'try: 2 GPUs, micro-batches of 16 tokens' in out
+    assert re.search(r'try: \d+ GPUs, micro-batches of 64 tokens, AC on, \d+ completions', out)
+
+
+def test_dpo_dry_run_rows_layout_and_arithmetic(built, capsys, real_two_ranks):
+    config = tiny_stage('dpo', '--block_size=32', '--batch_size=2', '--grad_accum=2', '--global_batch_size=0',
+                        '--activation_checkpointing=False', '--dataset_pairs=1000', '--heldout_pairs=100',
+                        '--epochs=1.0')
+    dryrun.dpo_dry_run(model_args('tiny'), config)
+    out = capsys.readouterr().out
+    (policy,) = built['models']  # the reference is never built: its log-probs are precomputed
+    assert layout(policy) == real_two_ranks['layout']
+    rows = table_rows(out)
+    assert list(rows)[2:-2] == list(dryrun.KINDS)
+    (measured,) = built['simulated']
+    assert sum(measured.peak.get(k, 0) for kinds in dryrun.KINDS.values() for k in kinds) == measured.peak['Total']
+    assert 'reference model: no memory while training' in out
+    # a micro-batch of 2 pairs is 4 conversations: 4 x 2 accum x 2 GPUs = 16 sequences of 32 tokens per step
+    assert 'tokens/step: 4 x 2 accum x 2 GPUs = 16 sequences x 32 = 512' in out
+    # 900 training pairs in groups of 2: 450 groups, 225 a rank, 2 per step: 113 steps
+    assert 'whole run: 113 steps' in out
+    useful = 6 * (2 * 36_864 + 16_384) + 12 * 2 * 4 * 16 * 8
+    reference = 2 * 1000 * 32 * useful / 3 / (2 * 989e12 * 0.4)
+    assert f"{dryrun._number(reference / 60)} min on 2 GPUs" in out
+
+
+def test_dpo_steps_count_as_dpo_counts_them():
+    # Tulu 3's 271,409 pairs less 1,000 held out, 1 a micro-batch, on 8 GPUs: 33,801 each; 128 / 8 = 16 accumulated
+    config = {'gpus': 8, 'global_batch_size': 128, 'batch_size': 1, 'grad_accum': 1, 'epochs': 1.0,
+              'dataset_pairs': 271_409, 'heldout_pairs': 1000}
+    assert dryrun.dpo_steps(config) == math.ceil(33_801 / 16) == 2113
+
+
+def test_every_gpu_with_a_peak_has_a_bandwidth():
+    assert list(dryrun.GPU_BANDWIDTH) == list(trainer.GPU_PEAK_FLOPS)
