@@ -145,8 +145,8 @@ def simulate(args, config, setup, loss_fn=lm_loss, make_batch=random_tokens, ref
     with fake_ranks(setup.gpus) as fsdp:
         model = build_model(args, device, config['seed'], None, False, setup.activation_checkpointing, fsdp)
         frozen = 0
-        if reference:  # grpo.py: build_model(args, device, seed, init_state).requires_grad_(False), after the policy
-            ref = build_model(args, device, config['seed'], None, False, False, fsdp).requires_grad_(False)
+        if reference:  # after the policy, as grpo.py builds it
+            ref = grpo.build_reference(args, device, config['seed'], None, fsdp)
             frozen = sum(p.to_local().nbytes for p in ref.parameters())
         optimizer = build_optimizer(model, config['lr'], config['weight_decay'], config['betas'], config['eps'],
                                     torch.device('cuda'))

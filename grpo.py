@@ -47,7 +47,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from chats import chat_tokenizer, math_prompt, rows
 from configurator import settings
@@ -164,6 +164,12 @@ class PromptLoader:
 
 # ----------------------------------------------------------------------------- 1. rollout
 
+def build_reference(args, device, seed, init_state, fsdp=None):
+    """The frozen reference pi_ref: the starting weights, sharded as the policy is (fsdp: as
+    trainer.build_model takes it; dryrun.py simulates the reference with this), never updated."""
+    return build_model(args, device, seed, init_state, fsdp=fsdp).requires_grad_(False)
+
+
 def build_rollout_model(args, device):
     """The model completions are sampled from: a plain, unsharded Transformer on every rank. Each rank
     generates its own prompts for as many tokens as they take, a different number of forward passes
@@ -175,9 +181,13 @@ def build_rollout_model(args, device):
     return model.to(torch.bfloat16 if device.type == 'cuda' else torch.float32).eval().requires_grad_(False)
 
 
+@torch.no_grad()
 def sync_rollout_model(policy, rollout_model):
-    """Copy the policy's current weights (gathered whole from their shards under FSDP) into the rollout model."""
-    rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+    """Copy the policy's current weights into the rollout model, one tensor at a time: under FSDP each
+    is gathered whole from its shards, copied (cast to the rollout model's dtype) and freed, so the
+    sync never holds more than one full tensor (a whole fp32 state dict of a 7B model is 30 GiB)."""
+    for p, q in zip(policy.parameters(), rollout_model.parameters(), strict=True):
+        q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
 
 
 def generator_for(seed, step, slot, device):
@@ -374,7 +384,7 @@ def main(rank, world_size, device):
     # ---- policy, frozen reference, rollout copy, optimizer, and where the run stands
     # (loading a state dict under FSDP puts shards in place of its entries: each model gets its own dict)
     policy = build_model(args, device, seed, dict(init_state), compile, activation_checkpointing)
-    reference = build_model(args, device, seed, dict(init_state)).requires_grad_(False) if kl_coef else None
+    reference = build_reference(args, device, seed, dict(init_state)) if kl_coef else None
     del init_state
     rollout_model = build_rollout_model(args, device)
     optimizer = build_optimizer(policy, lr, weight_decay, betas, eps, device)

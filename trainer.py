@@ -486,14 +486,7 @@ class Run:
             sys.exit(1)
         if self.step % self.log_interval == 0 or self.step == self.max_steps:
             self._log_step(stats, lr)
-        signum = self._signalled()
-        if signum:
-            self.save()
-            if self.master:
-                self.pbar.close()
-                print(f"stopped by signal {signum} at step {self.step}; checkpoint saved, "
-                      f"run the same command again to resume")
-            sys.exit(128 + signum)
+        self.stop_if_signalled()
         if self.step % self.ckpt_interval == 0:
             self.save()
 
@@ -507,6 +500,20 @@ class Run:
                   'mfu': mfu, 'time': time.time() - self.t_start},
                  f"step {self.step}: loss {stats['loss']:.4f}{extra} | lr {lr:.2e} | grad norm "
                  f"{stats['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%")
+
+    def stop_if_signalled(self):
+        """If any rank has received SIGINT/SIGTERM: save the run as it stands after its last finished
+        step and exit 128 + the signal. end_step calls it; a stage with long steps calls it within a
+        step as well (grpo.py between rollout chunks), having first put its loader back to where that
+        step began. A collective: every rank calls it at the same points."""
+        signum = self._signalled()
+        if signum:
+            self.save()
+            if self.master:
+                self.pbar.close()
+                print(f"stopped by signal {signum} at step {self.step}; checkpoint saved, "
+                      f"run the same command again to resume")
+            sys.exit(128 + signum)
 
     def _signalled(self):
         """The signal any rank has received, or 0: every rank stops at the same step."""
