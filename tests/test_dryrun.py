@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import dryrun
 import grpo
+import grpo
 import model as model_module
 import trainer
 from model import Transformer, model_args
@@ -253,10 +254,11 @@ def built(monkeypatch):
     """What the dry run makes, in order: the models it builds, its simulations, GRPO's memory columns."""
     seen = {'models': [], 'simulated': [], 'memory': []}
 
-    def spy(name, key):
-        real = getattr(dryrun, name)
-        monkeypatch.setattr(dryrun, name, lambda *a, **kw: seen[key].append(real(*a, **kw)) or seen[key][-1])
+    def spy(name, key, module=dryrun):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **kw: seen[key].append(real(*a, **kw)) or seen[key][-1])
     spy('build_model', 'models')
+    spy('build_model', 'models', grpo)  # the reference: grpo.build_reference
     spy('simulate', 'simulated')
     spy('grpo_memory', 'memory')
     return seen
