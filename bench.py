@@ -4,6 +4,8 @@ Speed and memory of this codebase next to the tools people would otherwise pick,
     python bench.py                                   # everything, on CPU: a few minutes on 2 cores
     python bench.py --only train,decode --device cuda --out bench.json
 
+Settings are the globals below (--key=value, or a config file, as for every script: configurator.py).
+
     train    tokens/s of one optimizer step (forward, backward, AdamW) and MFU,
              model.py vs transformers' MistralForCausalLM (sdpa attention), same weights and batch
     decode   tokens/s and peak memory of model.generate (what sample.py, eval.py and grpo.py run) vs
@@ -15,7 +17,9 @@ Speed and memory of this codebase next to the tools people would otherwise pick,
              from the cache's own shapes on the meta device) and a small model (allocated and run)
     eval     items/s of eval.py vs lm-evaluation-harness (HFLM, batch 16) on the same model and
              questions: PIQA, HellaSwag, Winogrande 0-shot, MMLU 5-shot and GSM8K 5-shot generation,
-             on the demo shape and on SmolLM2-135M's, checking that every answer is the same
+             on the demo shape and on SmolLM2-135M's, checking that every answer is the same.
+             eval.py runs as a user runs it, a command writing --out JSON, and its own per-task
+             `seconds` are what count (they leave out Python's start and the model's loading)
     data     tokenizer tokens/s; MinHash dedup documents/s of data.py vs datasketch
 
 A shared machine speeds up and slows down while this runs, so each comparison times ours and
@@ -25,7 +29,6 @@ moment hits both sides of a round alike. Ratios are ours/ref of the row's unit: 
 better for speed, below 1 is better for memory. Random weights throughout: speed does not
 depend on what a model has learnt, and nothing is downloaded.
 """
-import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -37,30 +40,40 @@ import platform
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
+from configurator import configure, settings
 from model import KVCache, Transformer, generate, model_args
 from trainer import datasheet_peak, flops_per_token
 from weights import export_hf
 
+# ----------------------------------------------------------------------------- settings
+only = "train,decode,kvcache,eval,data"  # comma-separated sections (see above)
+device = "cpu"  # or cuda
+out = ""  # also write the rows and the machine to this JSON file
+config_keys = settings(globals())
+
 
 # ----------------------------------------------------------------------------- measuring
 
-def race(contenders, rounds, sync):
-    """Time each callable once per round, the order reversed every other round -> {name: [seconds]}."""
+def race(contenders, rounds, sync, self_timed=()):
+    """Time each callable once per round, the order reversed every other round -> {name: [seconds]}.
+    The contenders named in self_timed return the seconds to count themselves (eval.py run as
+    a command reports its task's time, without Python's start and the model's loading)."""
     times = {name: [] for name in contenders}
     order = list(contenders.items())
     for r in range(rounds):
         for name, fn in order if r % 2 == 0 else order[::-1]:
             sync()
             t0 = time.perf_counter()
-            fn()
+            seconds = fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(seconds if name in self_timed else time.perf_counter() - t0)
     return times
 
 
@@ -366,10 +379,6 @@ def harness_tasks(splits_by_task, shots, max_gen_toks=None):
     return tasks
 
 
-# SmolLM2-135M's shape: a real small model, where the 30 layers and not the output head cost
-# most (the demo model's 32000 x 256 head flatters any saving on the head)
-SMOLLM2_135M = dict(dim=576, n_layers=30, head_dim=64, hidden_dim=1536, n_heads=9, n_kv_heads=3, vocab_size=49152,
-                    rope_theta=100000.0, sliding_window=None, max_seq_len=2048, tie_embeddings=True)
 @dataclasses.dataclass
 class EvalShape:
     name: str
@@ -382,9 +391,11 @@ class EvalShape:
 # Questions per task: enough that both sides batch requests of similar lengths, as on a real
 # task's thousands (with a handful, every batch pads a lot), and 16 per MMLU subject: a real
 # subject has 100-1,534 test questions sharing its 5-shot prefix, so 16 understates that saving.
-# The real shape costs ~15x the demo's work per token, so it gets fewer rounds.
+# SmolLM2-135M's shape is a real small model, where the 30 layers and not the output head cost
+# most (the demo model's 32000 x 256 head flatters any saving on the head); it costs ~15x the
+# demo's work per token, so it gets fewer rounds.
 EVAL_SHAPES = [EvalShape("demo", model_args("demo"), (64, 16, 8), 64, 3),
-               EvalShape("smollm2-135m shape", model_args("moxin-7b", **SMOLLM2_135M), (64, 16, 8), 32, 2)]
+               EvalShape("smollm2-135m shape", model_args("smollm2-135m", max_seq_len=2048), (64, 16, 8), 32, 2)]
 EVAL_RUNS = [("piqa", 0), ("hellaswag", 0), ("winogrande", 0), ("mmlu", 5), ("gsm8k", 5)]
 
 
@@ -397,31 +408,38 @@ def bench_eval_shape(device, sync, shape, batch_size=16):
     identical answers are part of the claim, and bf16 kernels differ), each task timed in rounds."""
     from lm_eval.models.huggingface import HFLM
 
-    import eval as ev
-    from tokenizer import Tokenizer
-
     model = build(shape.args, device).eval()
     all_splits = synthetic_tasks(*shape.sizes)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, tmp, dtype=torch.float32)
-        hf_tokenizer(tmp)
-        data_dir = os.path.join(tmp, "tasks")
+        model_dir, data_dir = os.path.join(tmp, "model"), os.path.join(tmp, "tasks")
+        export_hf(model, model_dir, dtype=torch.float32)
+        hf_tokenizer(model_dir)
         for task, splits in all_splits.items():
             os.makedirs(os.path.join(data_dir, task))
             for split, split_rows in splits.items():
                 with open(os.path.join(data_dir, task, f"{split}.jsonl"), "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in split_rows)
-        ours_model, spec = ev.load_model(tmp, device=device)  # what `eval.py --ckpt DIR` does
-        tokenizer = Tokenizer.load(spec)
-        lm = HFLM(pretrained=tmp, device=str(device), dtype=torch.float32, batch_size=batch_size)
-        gen = ev.Generation(max_gen_toks=shape.max_gen_toks)
+        lm = HFLM(pretrained=model_dir, device=str(device), dtype=torch.float32, batch_size=batch_size)
         for task, shots in EVAL_RUNS:
-            ours = lambda: ev.evaluate(ours_model, tokenizer, task, shots, data_dir, batch_size=batch_size,
-                                       progress=False, gen=gen)["items"]
+            command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py"),
+                       "--ckpt", model_dir, "--tasks", task, "--num_fewshot", str(shots), "--data_dir", data_dir,
+                       "--batch_size", str(batch_size), "--max_gen_toks", str(shape.max_gen_toks),
+                       "--device", str(device), "--dtype", "float32", "--log_samples"]
+            ours = lambda: run_eval_py(command, os.path.join(tmp, "out.json"), task)
             ref = lambda: harness_samples(lm, harness_tasks({task: all_splits[task]}, shots, shape.max_gen_toks))
             rows.append(eval_row(task, shots, shape, ours, ref, sync))
     return rows
+
+
+def run_eval_py(command, out_file, task):
+    """Run eval.py's command line writing out_file -> (its items of task, its seconds for the task)."""
+    done = subprocess.run(command + ["--out", out_file], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"eval.py failed: {done.stderr.strip().splitlines()[-1:]}")
+    with open(out_file) as f:
+        written = json.load(f)
+    return written["samples"][task], written["results"][task]["seconds"]
 
 
 def harness_samples(lm, tasks):
@@ -446,17 +464,23 @@ def harness_samples(lm, tasks):
 
 
 def eval_row(task, shots, shape, ours, ref, sync):
-    from eval import argmax
+    """ours() -> (items, seconds), eval.py's; ref() -> the harness's samples, timed here."""
+    out = {"ref": ref()}  # untimed: a first call pays for allocations and kernel setup (eval.py's own
+    # process pays them inside its time, each round: the comparison leans, if anywhere, against it)
 
-    out = {"ours": ours(), "ref": ref()}  # untimed: a first call pays for allocations and kernel setup
-    times = race({"ours": lambda: out.update(ours=ours()), "ref": lambda: out.update(ref=ref())}, shape.rounds, sync)
+    def run_ours():
+        out["ours"], seconds = ours()
+        return seconds
+
+    times = race({"ours": run_ours, "ref": lambda: out.update(ref=ref())}, shape.rounds, sync, self_timed=("ours",))
     n = len(out["ours"])
     if task == "gsm8k":
         same = sum(o["completions"][0]["text"] == text and o["completions"][0]["extracted"] == answers
                    for o, (text, answers) in zip(out["ours"], out["ref"]))
         what, note = f"{task} {shots}-shot generation, {shape.max_gen_toks} new tokens", f"same text and answers {same}/{n}"
     else:
-        same = sum(o["pred"] == argmax(r) for o, r in zip(out["ours"], out["ref"]))
+        # the harness's answer: the first of its largest log-likelihoods
+        same = sum(o["pred"] == max(range(len(r)), key=r.__getitem__) for o, r in zip(out["ours"], out["ref"]))
         gap = max(abs(a - b) for o, r in zip(out["ours"], out["ref"]) for a, b in zip(o["lls"], r))
         what, note = f"{task} {shots}-shot", f"same answer {same}/{n}, max |log-lik diff| {gap:.1e}"
     return row("eval", f"items/s, {what} ({n} questions), {shape.name}", n / statistics.median(times["ours"]),
@@ -618,19 +642,23 @@ def table(rows):
     return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(line) for line in lines])
 
 
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, from: {', '.join(SECTIONS)}")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", help="also write the rows and the machine to this JSON file")
-    args = parser.parse_args(argv)
-    sections = args.only.split(",")
+    config = {k: globals()[k] for k in config_keys}  # a copy: main may run more than once in a process (tests)
+    configure(config, config_keys, argv)
+    sections = config["only"].split(",")
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
-        parser.error(f"unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no GPU")
-    device = torch.device(args.device)
+        fail(f"unknown section(s) {', '.join(unknown)} in --only (known: {', '.join(SECTIONS)})")
+    if config["device"] not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda, got {config['device']}")
+    if config["device"] == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but torch sees no GPU")
+    device = torch.device(config["device"])
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     quiet_third_parties()
     info = dict(machine=machine(device), versions=versions(), load_before=os.getloadavg())
@@ -649,8 +677,8 @@ def main(argv=None):
           f"before, {info['load_after'][0]:.2f} after")
     for section in dict.fromkeys(r["section"] for r in rows):
         print(f"reference, {section}: {REFERENCES[section].format(**info['versions'])}")
-    if args.out:
-        with open(args.out, "w") as f:
+    if config["out"]:
+        with open(config["out"], "w") as f:
             json.dump({**info, "rows": rows}, f, indent=2)
 
 

@@ -11,40 +11,66 @@ agree with it item by item:
     python eval.py --ckpt path/to/hf_model --tasks gsm8k --out gsm8k.json --log_samples
     python eval.py --ckpt path/to/reasoning_model --tasks math500 --chat --samples 16 --temperature 0.6
 
-Data comes from the Hugging Face hub (the harness's dataset paths and splits), or
-from --data_dir DIR with DIR/<task>/<split>.jsonl in the dataset's own schema.
+Settings are the globals below, set by a config file and --key=value (or --key value, or a
+bare --flag) as for every script (configurator.py). Data comes from the Hugging Face hub (the
+harness's dataset paths and splits), or from --data_dir DIR with DIR/<task>/<split>.jsonl in
+the dataset's own schema (tasks/ defines each task: prompts, shots, graders).
 
 Multiple choice: a question becomes one (context, continuation) pair per choice. The
 model's log-likelihood of each continuation given its context picks the answer: acc
 takes the largest, acc_norm divides each by the choice's length in characters first, so
-long answers are not penalised for being long. score_reference computes it plainly;
-score_unit, which eval uses, shares the work through the KV cache (see its docstring).
+long answers are not penalised for being long. score_reference computes it plainly, one
+forward pass per pair; score_cached, which evaluate uses, gets the same numbers sharing the
+work through the KV cache (see its docstring; a test holds the two equal).
 
 Generation: the prompt is encoded as the harness's HF backend encodes it, the model
 writes until EOS, a stop string or the generation limit, and the text is cut before the
 first stop string; each task's grader turns the text into an answer and a verdict.
 """
-import argparse
+import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from os.path import commonprefix
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import KVCache, check_sampling, generate
-from tasks import SUITES, TASKS, fewshot_prefix, get_task, load_units, prompt_pairs
+from configurator import configure, settings
+from model import KVCache, Sampling, apply_rope, attend, rope_cos_sin, window_mask, generate
 from tokenizer import Tokenizer, encode_chat
 from weights import load_model
+
+# ----------------------------------------------------------------------------- settings
+ckpt = ""  # a .pt checkpoint of this project or an HF model directory (required)
+tasks = ""  # comma-separated task names, from tasks.TASKS; or instead:
+suite = ""  # one of Moxin's reported suites (tasks.SUITES), each task with its own shots
+num_fewshot = None  # shots for every task of `tasks` (None: each task's own, as the harness: gsm8k 5, the others 0)
+limit = None  # only the first N questions of each task (MMLU: of each subject)
+batch_size = 16  # most sequences (KV-cache rows) in one forward pass; memory grows with it
+data_dir = ""  # read DIR/<task>/<split>.jsonl (HF schema) instead of the HF hub
+out = ""  # write all metrics to this JSON file
+log_samples = False  # also write every item to `out`: prompt, completions, extracted answers, gold, verdict
+chat = False  # generative tasks: each prompt as the user's turn of the chat template, the assistant's turn opened
+max_gen_toks = None  # generation limit (None: the task's own: gsm8k 256, math500 4096)
+samples = 1  # completions per problem; the score is their mean
+temperature = 0.0  # 0: greedy
+top_p = 1.0
+seed = 0  # of the sampling
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "auto"  # float32 on CPU (no fast bf16 there), bfloat16 on CUDA
+config_keys = settings(globals())
+# ----------------------------------------------------------------------------- (imported after the
+# settings, so that the table SUITES is not taken for one)
+from tasks import SUITES, fewshot_prefix, get_task, load_units, prompt_pairs  # noqa: E402
 
 
 class EvalError(ValueError):
     """Bad input; the command line prints it as one line."""
-
 
 
 def encode_pair(tokenizer, context, continuation, max_len):
@@ -66,9 +92,8 @@ def encode_pair(tokenizer, context, continuation, max_len):
 # ----------------------------------------------------------------------------- scoring
 #
 # A request is (inputs, targets): the targets' log-likelihood is read at the last
-# len(targets) input positions. The reference scorer below does exactly that, one forward
-# pass per request. score_unit gets the same numbers with far less work; it is tested
-# against the reference.
+# len(targets) input positions. score_reference does exactly that, one forward pass per
+# request. score_cached gets the same numbers with far less work; it is tested against it.
 
 @torch.no_grad()
 def score_reference(model, requests):
@@ -82,40 +107,38 @@ def score_reference(model, requests):
     return lls
 
 
-def common_prefix_len(seqs):
-    # os.path.commonprefix works on any sequences, comparing whole lists at C speed
-    return len(os.path.commonprefix(seqs))
-
-
 @torch.no_grad()
-def score_unit(model, questions, batch_size, progress):
+def score_cached(model, questions, batch_size, progress):
     """Log-likelihood of every request, as score_reference gives it; questions: per question
-    a list of requests (inputs, targets).
+    a list of requests (inputs, targets); progress: a tqdm bar, advanced per question.
 
     The work is shared at three levels, and every scored position still reads exactly the
     tokens, at the same positions, that its own forward pass would:
-      1. the `shared` tokens that begin every request of the unit (MMLU: a subject's header
-         and shots) are prefilled once into a one-row cache;
+      1. the `shared` tokens that begin every request of a subtask (MMLU: a subject's header
+         and shots)
+         are prefilled once into a one-row cache;
       2. the requests of a question agree up to its context's end; a batch of questions runs
          their contexts as one forward pass from that cache, a row each;
       3. each context row is then copied once per request (KVCache.select) and the rest of
          every request, its tail past the context, runs as one batch.
-    Rows of different lengths are right-padded and passed with their lengths
-    (Transformer.hidden): the padding costs no matmul and never enters the cache, so each row
-    computes exactly its own tokens. A question whose requests all end with its context (MMLU:
-    the answer is one letter, predicted from the context's last position) has no tails.
-    Logits (a dim x vocab matmul per token) are computed only at the scored positions.
-    Questions go in the harness's order, longest request first."""
+    Rows of different lengths go through ragged_hidden, which spends no work on padding. A
+    question whose requests all end with its context (MMLU: the answer is one letter,
+    predicted from the context's last position) has no tails. Logits (a dim x vocab matmul
+    per token) are computed only at the scored positions. Questions go in the harness's
+    order, longest request first."""
     weight = model.tok_embeddings.weight
     requests = [r for q in questions for r in q]
     # stop before the first scored position: the shared tokens' hidden states are never read
     first_scored = min(len(inputs) - len(targets) for inputs, targets in requests)
-    shared = min(common_prefix_len([inputs for inputs, _ in requests]), first_scored)
-    base = KVCache(model.args, 1, weight.device, weight.dtype, max_tokens=max(len(i) for i, _ in requests))
+    shared = min(len(commonprefix([inputs for inputs, _ in requests])), first_scored)
+    # a cache that holds whole requests and never rolls (the model's window is kept by the
+    # mask), so that every row's tokens go in as one piece
+    longest = max(len(inputs) for inputs, _ in requests)
+    base = KVCache(replace(model.args, sliding_window=None, max_seq_len=longest), 1, weight.device, weight.dtype)
     if shared:
         model.hidden(torch.tensor([requests[0][0][:shared]], device=weight.device), base)
 
-    ends = [common_prefix_len([inputs for inputs, _ in q]) for q in questions]
+    ends = [len(commonprefix([inputs for inputs, _ in q])) for q in questions]
     # cache rows a question needs: its context's, then one per request that goes past it
     rows = [max(1, sum(len(inputs) > end for inputs, _ in q)) for q, end in zip(questions, ends)]
     order = sorted(range(len(questions)), key=lambda i: max(len(r[0]) for r in questions[i]), reverse=True)
@@ -124,54 +147,73 @@ def score_unit(model, questions, batch_size, progress):
         batch = [order.pop(0)]  # the first question always fits
         while order and sum(rows[i] for i in batch + order[:1]) <= batch_size:
             batch.append(order.pop(0))
-        for i, lls in zip(batch, score_batch(model, base, shared, [ends[i] for i in batch],
-                                             [questions[i] for i in batch])):
+        for i, lls in zip(batch, score_cached_batch(model, base, shared, [ends[i] for i in batch],
+                                                    [questions[i] for i in batch])):
             scores[i] = lls
         progress.update(len(batch))
     return scores
 
 
-def score_batch(model, base, shared, ends, questions):
+def score_cached_batch(model, base, shared, ends, questions):
     """Score questions whose requests agree on inputs[:end] (one end per question) past the
-    `shared` tokens that base holds."""
+    `shared` tokens that base holds: their contexts as rows of one ragged batch, then their
+    tails as rows of another."""
     device = model.tok_embeddings.weight.device
-    tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)
-    cache = base.select([0] * len(questions))
-
-    def run(rows, cache):  # hidden states of rows of any lengths, flattened to [rows x width, dim]
-        width = max(map(len, rows))
-        padded = tensor([r + [0] * (width - len(r)) for r in rows])
-        return model.hidden(padded, cache, lengths=[len(r) for r in rows]).flatten(0, 1), width
-
-    hidden = []  # the hidden states scored tokens read from
-    context_len = 0
-    if max(ends) > shared:
-        h, context_len = run([q[0][0][shared:end] for q, end in zip(questions, ends)], cache)
-        hidden.append(h)
+    contexts = [q[0][0][shared:end] for q, end in zip(questions, ends)]
     tails = [[inputs[end:] for inputs, _ in q if len(inputs) > end] for q, end in zip(questions, ends)]
-    width = 0
+    cache = base.select([0] * len(questions))
+    hidden = []  # the hidden states scored tokens read from: every context's, then every tail's
+    if any(contexts):
+        hidden.append(ragged_hidden(model, contexts, cache))
     if any(tails):
         cache = cache.select([b for b, q in enumerate(tails) for _ in q])  # each context fans out to its tails
-        h, width = run([t for q in tails for t in q], cache)
-        hidden.append(h)
+        hidden.append(ragged_hidden(model, [t for q in tails for t in q], cache))
+    starts = list(itertools.accumulate(map(len, contexts + [t for q in tails for t in q]), initial=0))
 
-    # where each scored position's hidden state is: the last len(target) input positions
-    # predict the targets; a position before its question's end is in the context (row b),
-    # a later one in its request's tail (the `tail`-th tail row)
-    index, targets, tail = [], [], 0
+    # the last len(target) input positions predict the targets; a position before its
+    # question's end is in its context (row b), a later one in its request's tail
+    index, targets, tail = [], [], len(questions)
     for b, (q, end) in enumerate(zip(questions, ends)):
         for inputs, target in q:
             for pos in range(len(inputs) - len(target), len(inputs)):
-                if pos < end:
-                    index.append(b * context_len + pos - shared)
-                else:
-                    index.append(len(questions) * context_len + tail * width + pos - end)
+                index.append(starts[b] + pos - shared if pos < end else starts[tail] + pos - end)
             tail += len(inputs) > end
             targets += target
-    logprobs = F.log_softmax(model.logits(torch.cat(hidden)[tensor(index)]), dim=-1)
-    token_lls = logprobs.gather(1, tensor(targets)[:, None]).squeeze(1)
+    logprobs = F.log_softmax(model.logits(torch.cat(hidden)[torch.tensor(index, device=device)]), dim=-1)
+    token_lls = logprobs.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
     lls = iter(t.sum().item() for t in token_lls.split([len(t) for q in questions for _, t in q]))
     return [[next(lls) for _ in q] for q in questions]
+
+
+def ragged_hidden(model, rows, cache):
+    """Final-norm hidden states of rows of token ids of different lengths, row b continuing
+    row b of cache (one with room for every row whole: no chunks, as score_cached's): model.hidden's
+    for each row alone, as one [tokens, dim] matrix, row after
+    row, without the work a right-padded batch does on its padding. The linear layers (over
+    80% of the work at a real model's shape) take the rows' own tokens as that matrix; only
+    attention sees them right-padded to [rows, longest], where causal masking keeps the padding
+    from every real token, and the cache stores each row's own tokens alone (KVCache.add's
+    lengths). The loop is Transformer._blocks' and Attention.forward's on that matrix."""
+    lengths = [len(r) for r in rows]
+    B, T = len(rows), max(lengths)
+    device = model.tok_embeddings.weight.device
+    own = torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]  # [B, T]: not padding
+    q_pos, k_pos = cache.add(T, lengths)
+    mask = window_mask(q_pos, k_pos, model.args.sliding_window)
+    x = model.tok_embeddings(torch.tensor([t for r in rows for t in r], device=device))
+    cos, sin = (t.to(x.dtype) for t in rope_cos_sin(q_pos, model.args.head_dim, model.args.rope_theta))
+
+    def heads(t, n):  # [tokens, n * head_dim] -> [B, n, T, head_dim], zeros at the padding
+        return t.new_zeros(B, T, t.shape[-1]).index_put_((own,), t).view(B, T, n, -1).transpose(1, 2)
+
+    for i, layer in enumerate(model.layers):
+        att, h = layer.attention, layer.attention_norm(x)
+        q, k, v = heads(att.wq(h), att.n_heads), heads(att.wk(h), att.n_kv_heads), heads(att.wv(h), att.n_kv_heads)
+        k, v = cache.keys_values(i, apply_rope(k, cos, sin), v)
+        y = attend(apply_rope(q, cos, sin), k, v, mask).transpose(1, 2)[own]  # [tokens, n_heads, head_dim]
+        x = x + att.wo(y.flatten(1))
+        x = x + layer.feed_forward(layer.ffn_norm(x))
+    return model.norm(x)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -199,7 +241,7 @@ def encode_prompt(tokenizer, text, chat, max_prompt):
     return ids[-max_prompt:]
 
 
-def finish(tokenizer, ids, until):
+def decode_completion(tokenizer, ids, until):
     """(text, stopped_by) of a completion: the text cut as the harness cuts it, at the first
     occurrence of each stop string in turn; stopped_by names the stop string that ended it,
     or "eos", or "max_gen_toks"."""
@@ -216,6 +258,7 @@ def complete(model, tokenizer, prompts, until, gen, batch_size, progress):
     """gen.samples completions of each prompt (token ids) -> per prompt [(text, stopped_by)],
     at most gen.max_gen_toks tokens each. A row stops at EOS or as soon as its text holds a stop string."""
     stop = (lambda ids: any(s in tokenizer.decode(ids) for s in until)) if until else None
+    sampling = Sampling(gen.temperature, top_p=gen.top_p)
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(gen.seed)
     # longest first, so a batch holds prompts of similar lengths; a prompt's samples side by
     # side, so that generate prefills it once
@@ -223,10 +266,10 @@ def complete(model, tokenizer, prompts, until, gen, batch_size, progress):
     out = [[] for _ in prompts]
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        new = generate(model, [prompts[i] for i in batch], gen.max_gen_toks, temperature=gen.temperature, top_p=gen.top_p,
-                       eos_id=tokenizer.eos_id, stop=stop, generator=generator)
+        new = generate(model, [prompts[i] for i in batch], gen.max_gen_toks, sampling, eos_id=tokenizer.eos_id,
+                       stop=stop, generator=generator)
         for i, ids in zip(batch, new):
-            out[i].append(finish(tokenizer, ids, until))
+            out[i].append(decode_completion(tokenizer, ids, until))
         progress.update(len(batch))
     return out
 
@@ -239,12 +282,12 @@ def generation_limit(task, gen, max_len):
     return max_new
 
 
-def evaluate_generative(model, tokenizer, task, units, batch_size, gen, progress):
+def evaluate_generative(model, tokenizer, task, subtasks, batch_size, gen, progress):
     """Per problem its prompt, completions and verdicts, and the task's metrics: each metric is
     the mean over problems of its mean over the problem's samples."""
     max_len = model.args.max_seq_len
     gen = replace(gen, max_gen_toks=generation_limit(task, gen, max_len))
-    docs = [doc for _, unit_docs in units for doc in unit_docs]
+    docs = [doc for _, subtask_docs in subtasks for doc in subtask_docs]
     texts = [fewshot_prefix(task, row, shots) + problem.prompt for row, problem, shots in docs]
     prompts = [encode_prompt(tokenizer, text, gen.chat, max_len - gen.max_gen_toks) for text in texts]
     items = []
@@ -302,54 +345,56 @@ def metrics(task, items):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, tokenizer, task_name, num_fewshot=None, data_dir=None, limit=None, batch_size=16,
-             progress=True, gen=Generation()):
-    """Score one task, with num_fewshot shots (None: the task's own). Returns {"metrics": {...},
-    "items": [...]} with items in dataset order (MMLU: by subject): per question its unit, gold,
-    lls, pred and pred_norm; per generated problem its prompt, gold, scores and completions."""
+def evaluate(model, tokenizer, task_name, num_fewshot=None, data_dir="", limit=None, batch_size=16, gen=Generation()):
+    """Score one task, with num_fewshot shots (None: the task's own), reading its data from the
+    hub or data_dir. Returns {"metrics": {...}, "items": [...]} with items in dataset order (MMLU:
+    by subject): per question its subtask (the task, or the MMLU subject), gold, lls, pred and
+    pred_norm; per generated problem its
+    prompt, gold, scores and completions. metrics["seconds"] times the scoring alone."""
     task = get_task(task_name)
     k = task.num_fewshot if num_fewshot is None else num_fewshot
-    if k < 0:
-        raise EvalError(f"--num_fewshot must be >= 0, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise EvalError(f"--num_fewshot must be an integer >= 0, got {k!r}")
     if k and task.fewshot_split is None:
         raise EvalError(f"{task.name} is zero-shot: it has no split to draw shots from")
     if gen.chat and not task.grade:
         raise EvalError(f"--chat applies to generative tasks, and {task.name} is multiple choice")
     if task.grade:
         generation_limit(task, gen, model.args.max_seq_len)
-    units = load_units(task, k, data_dir, limit)
-    n = sum(len(docs) for _, docs in units)
-    bar = tqdm(total=n * (gen.samples if task.grade else 1), desc=f"{task_name} {k}-shot", disable=not progress,
+    subtasks = load_units(task, k, data_dir or None, limit)  # (name, docs): the task, or each MMLU subject
+    n = sum(len(docs) for _, docs in subtasks)
+    # disable=None: the bar shows on a terminal only
+    bar = tqdm(total=n * (gen.samples if task.grade else 1), desc=f"{task_name} {k}-shot", disable=None,
                unit="completion" if task.grade else "q")
     start = time.time()
     if task.grade:
-        items, result = evaluate_generative(model, tokenizer, task, units, batch_size, gen, bar)
+        items, result = evaluate_generative(model, tokenizer, task, subtasks, batch_size, gen, bar)
     else:
-        items, result = evaluate_choices(model, tokenizer, task, units, batch_size, bar)
+        items, result = evaluate_choices(model, tokenizer, task, subtasks, batch_size, bar)
     bar.close()
     seconds = time.time() - start
     result.update(num_fewshot=k, seconds=round(seconds, 2), items_per_s=round(n / seconds, 3))
     return {"metrics": result, "items": items}
 
 
-def evaluate_choices(model, tokenizer, task, units, batch_size, progress):
+def evaluate_choices(model, tokenizer, task, subtasks, batch_size, progress):
     max_len = model.args.max_seq_len
-    items, unit_metrics = [], {}
-    for unit, docs in units:
+    items, subtask_metrics = [], {}
+    for subtask, docs in subtasks:
         questions = [[encode_pair(tokenizer, c, cont, max_len) for c, cont in prompt_pairs(task, row, item, shots)]
                      for row, item, shots in docs]
-        unit_items = []
-        for (_, item, _), lls in zip(docs, score_unit(model, questions, batch_size, progress)):
+        subtask_items = []
+        for (_, item, _), lls in zip(docs, score_cached(model, questions, batch_size, progress)):
             norm = [ll / len(choice) for ll, choice in zip(lls, item.choices)]
-            unit_items.append({"unit": unit, "gold": item.gold, "lls": lls,
-                               "pred": argmax(lls), "pred_norm": argmax(norm)})
-        unit_metrics[unit] = metrics(task, unit_items)
-        items += unit_items
+            subtask_items.append({"subtask": subtask, "gold": item.gold, "lls": lls,
+                                  "pred": argmax(lls), "pred_norm": argmax(norm)})
+        subtask_metrics[subtask] = metrics(task, subtask_items)
+        items += subtask_items
     result = metrics(task, items)
     if task.name == "mmlu":  # the micro-average over all questions, and each subject
-        result["acc_stderr"] = pooled_stderr([m["acc_stderr"] for m in unit_metrics.values()],
-                                             [m["n"] for m in unit_metrics.values()])
-        result["subjects"] = unit_metrics
+        result["acc_stderr"] = pooled_stderr([m["acc_stderr"] for m in subtask_metrics.values()],
+                                             [m["n"] for m in subtask_metrics.values()])
+        result["subjects"] = subtask_metrics
     return items, result
 
 
@@ -363,74 +408,76 @@ def table(results):
     return "\n".join(lines)
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Multiple-choice and generative benchmarks, scored as "
-                                                 "lm-evaluation-harness scores them.")
-    parser.add_argument("--ckpt", required=True, help="a .pt checkpoint of this project or an HF model directory")
-    parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
-    parser.add_argument("--num_fewshot", type=int, help="shots for every task of --tasks (default: each task's own, "
-                                                        "as the harness: gsm8k 5, the others 0)")
-    parser.add_argument("--suite", choices=SUITES, help="Moxin's reported suites, each task with its own shots")
-    parser.add_argument("--limit", type=int, help="only the first N questions of each task (MMLU: of each subject)")
-    parser.add_argument("--batch_size", type=int, default=16,
-                        help="most sequences (KV-cache rows) in one forward pass; memory grows with it")
-    parser.add_argument("--data_dir", help="read DIR/<task>/<split>.jsonl (HF schema) instead of the HF hub")
-    parser.add_argument("--out", help="write all metrics to this JSON file")
-    parser.add_argument("--log_samples", action="store_true",
-                        help="also write every item to --out: prompt, completions, extracted answers, gold, verdict")
-    parser.add_argument("--chat", action="store_true", help="generative tasks: each prompt as the user's turn of "
-                                                            "the chat template, the assistant's turn opened")
-    parser.add_argument("--max_gen_toks", type=int, help="generation limit (default: gsm8k 256, math500 4096)")
-    parser.add_argument("--samples", type=int, default=1, help="completions per problem; the score is their mean")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="of the sampling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: float32 on CPU (no fast bf16 there), bfloat16 on CUDA")
-    return parser.parse_args(argv)
+# ----------------------------------------------------------------------------- command line
+
+def positive(name, value, unset_ok=False):
+    """value, or EvalError unless it is an integer >= 1 (or None, where unset_ok)."""
+    if value is None and unset_ok:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvalError(f"--{name} must be a positive integer, got {value!r}")
+    return value
 
 
-def check_args(args):
-    """The (task, shots) runs and the generation settings the arguments ask for, or EvalError."""
-    if bool(args.tasks) == bool(args.suite):
+def task_runs(task_names, suite_name, shots):
+    """The (task, shots) runs asked for: a suite's, or each of the comma-separated task_names with shots."""
+    if bool(task_names) == bool(suite_name):
         raise EvalError("give either --tasks or --suite")
-    runs = SUITES[args.suite] if args.suite else [(name, args.num_fewshot) for name in args.tasks.split(",")]
+    if suite_name and suite_name not in SUITES:
+        raise EvalError(f"unknown suite '{suite_name}' (known: {', '.join(SUITES)})")
+    runs = SUITES[suite_name] if suite_name else [(name, shots) for name in str(task_names).split(",")]
     for name, _ in runs:
         get_task(name)
-    if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.samples < 1:
-        raise EvalError("--limit, --batch_size and --samples must be positive")
-    if args.max_gen_toks is not None and args.max_gen_toks < 1:
-        raise EvalError(f"--max_gen_toks must be positive, got {args.max_gen_toks}")
+    return runs
+
+
+def generation_settings(max_gen_toks, samples, temperature, top_p, seed, chat):
+    """The Generation these settings ask for, or EvalError."""
+    positive("max_gen_toks", max_gen_toks, unset_ok=True)
+    positive("samples", samples)
     try:
-        check_sampling(0, args.temperature, 0, args.top_p)
+        Sampling(temperature, top_p=top_p)
     except ValueError as e:
         raise EvalError(f"--{e}") from None
-    if args.samples > 1 and args.temperature == 0:
+    if samples > 1 and temperature == 0:
         raise EvalError("--samples > 1 needs --temperature > 0: greedy completions are all the same")
-    if args.log_samples and not args.out:
-        raise EvalError("--log_samples writes into --out: give --out FILE.json")
-    return runs, Generation(args.max_gen_toks, args.samples, args.temperature, args.top_p, args.seed, args.chat)
+    return Generation(max_gen_toks, samples, temperature, top_p, seed, chat)
+
+
+def run_tasks(model, tokenizer, runs, data_dir, limit, batch_size, gen):
+    """{task: metrics}, {task: items} of each (task, shots) run."""
+    results, items = {}, {}
+    for name, shots in runs:
+        result = evaluate(model, tokenizer, name, shots, data_dir, limit, batch_size, gen)
+        results[name], items[name] = result["metrics"], result["items"]
+    return results, items
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    config = {k: globals()[k] for k in config_keys}  # a copy: main may run more than once in a process (tests)
+    configure(config, config_keys, argv)
+    c = SimpleNamespace(**config)
     try:
-        runs, gen = check_args(args)
-        dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
-        model, tokenizer_spec = load_model(args.ckpt, device=args.device, dtype=getattr(torch, dtype))
-        tokenizer = Tokenizer.load(tokenizer_spec)
-        results, samples = {}, {}
-        for name, shots in runs:
-            result = evaluate(model, tokenizer, name, shots, args.data_dir, args.limit, args.batch_size, gen=gen)
-            results[name], samples[name] = result["metrics"], result["items"]
-    except ValueError as e:  # EvalError, ModelLoadError and the tokenizer's errors
+        if not c.ckpt:
+            raise EvalError("give --ckpt: a .pt checkpoint of this project or an HF model directory")
+        runs = task_runs(c.tasks, c.suite, c.num_fewshot)
+        positive("limit", c.limit, unset_ok=True)
+        positive("batch_size", c.batch_size)
+        gen = generation_settings(c.max_gen_toks, c.samples, c.temperature, c.top_p, c.seed, c.chat)
+        if c.log_samples and not c.out:
+            raise EvalError("--log_samples writes into --out: give --out FILE.json")
+        dtype = c.dtype if c.dtype != "auto" else "bfloat16" if c.device.startswith("cuda") else "float32"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise EvalError(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype}")
+        model, tokenizer_spec = load_model(c.ckpt, device=c.device, dtype=getattr(torch, dtype))
+        results, items = run_tasks(model, Tokenizer.load(tokenizer_spec), runs, c.data_dir, c.limit, c.batch_size, gen)
+    except ValueError as e:  # EvalError, TaskError, ModelLoadError and the tokenizer's errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(table(results))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"ckpt": args.ckpt, "results": results, **({"samples": samples} if args.log_samples else {})},
+    if c.out:
+        with open(c.out, "w") as f:
+            json.dump({"ckpt": c.ckpt, "results": results, **({"samples": items} if c.log_samples else {})},
                       f, indent=2)
 
 

@@ -15,13 +15,11 @@ Mistral/Llama checkpoints load by renaming alone; weights.py reads and writes th
 
 Generation, at the end: generate() decodes a batch of prompts of any lengths (what eval.py
 and grpo.py call), stream() yields one prompt's tokens as they come (sample.py); both run
-the same loop, _decode.
+the same loop, _decode, choosing tokens as a Sampling (temperature, top_k, top_p) says.
 """
 import copy
-import functools
 import math
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -143,22 +141,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, keep=None):
-        """x [B, T, dim], or with keep (boolean [B, T]) only the tokens it marks, [N, dim]: the
-        projections then run on those alone and attention alone sees the padded [B, T] layout."""
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        if keep is not None:
-            q, k, v = (x.new_zeros(*keep.shape, t.shape[-1]).index_put_((keep,), t) for t in (q, k, v))
-        B, T, _ = q.shape
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        """x [B, T, dim] at the positions cos/sin were made for; with a cache, the new keys/values
+        join the cached ones (of layer `layer`) and the queries read both."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
         if cache is not None:
             k, v = cache.keys_values(layer, k, v)
         y = attend(q, k, v, mask, causal=cache is None)  # no cache: the keys are the queries' own sequence
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.wo(y if keep is None else y[keep])
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -182,17 +176,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, keep=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, keep)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
-
-
-def real_tokens(T, lengths, device):
-    """Boolean [B, T]: the first lengths[b] tokens of row b are real, the rest padding; None
-    when every row is T long (nothing to leave out)."""
-    if lengths is None or min(lengths) == T:
-        return None
-    return torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]
 
 
 class KVCache:
@@ -202,7 +188,9 @@ class KVCache:
     holds every key a new token may read, so it can roll forever; a smaller buffer (max_tokens)
     or a model with full attention cannot roll, and overflowing it is an error.
     Each row b has its own position pos[b] (tokens it has seen), so rows holding prompts of
-    different lengths decode side by side.
+    different lengths decode side by side. Rows may also take different numbers of new tokens in
+    one call (ragged rows, right-padded: add's lengths, as mistral-inference's cache keeps its
+    seqlens); then only each row's own tokens are stored and counted.
     """
 
     def __init__(self, args, batch_size, device, dtype, max_tokens=None):
@@ -217,7 +205,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.pos = [0] * batch_size
         self.slots = None  # [B, T]: where keys_values puts the T new tokens of each row (see add)
-        self.real = None  # where some rows of the new tokens are padding: (rows, steps) of the real ones
+        self.ragged = None  # rows of different lengths: (row, step) of each new token that is not padding
 
     def filled(self):
         """Slots in use, per row."""
@@ -234,9 +222,9 @@ class KVCache:
     def add(self, T, lengths=None):
         """Take T <= capacity new tokens in every row (Transformer.hidden feeds longer prompts in
         chunks), or with lengths only the first lengths[b] of row b's T (the rest is padding, never
-        stored): fix the slots keys_values writes them to and advance pos. Returns the new tokens'
-        positions [B, T] and the positions [B, Tk] of the keys that keys_values will return to
-        them (see there), for the attention mask."""
+        stored; eval.py's ragged_hidden): fix the slots keys_values writes them to and advance pos.
+        Returns the new tokens' positions [B, T] and the positions [B, Tk] of the keys that
+        keys_values will return to them (see there), for the attention mask."""
         lengths = [T] * len(self.pos) if lengths is None else lengths
         b = max(range(len(lengths)), key=lambda b: self.pos[b] + lengths[b])  # the fullest row
         if not self.rolls and self.pos[b] + lengths[b] > self.capacity:
@@ -245,8 +233,10 @@ class KVCache:
         seen, device = self.pos, self.k[0].device
         new_pos = torch.tensor(seen, device=device)[:, None] + torch.arange(T, device=device)
         self.slots = new_pos % self.capacity
-        real = real_tokens(T, lengths, device)
-        self.real = None if real is None else real.nonzero(as_tuple=True)
+        self.ragged = None
+        if min(lengths) < T:  # some rows are padded: the (row, step) of each of their own tokens
+            own = torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]
+            self.ragged = own.nonzero(as_tuple=True)
         self.pos = [p + n for p, n in zip(seen, lengths)]
         if T == 1:
             return new_pos, self.slot_positions(self.pos)[:, :max(self.filled())]
@@ -270,12 +260,12 @@ class KVCache:
         return k_all, v_all
 
     def _store(self, layer, k, v):
-        if self.real is None:
+        if self.ragged is None:
             index = self.slots[:, None, :, None].expand_as(k)  # [B, T] -> one slot per key element
             self.k[layer].scatter_(2, index, k)
             self.v[layer].scatter_(2, index, v)
-        else:  # the real tokens alone: token (row, step) goes to its row's slot slots[row, step]
-            rows, steps = self.real
+        else:  # each row's own tokens alone: token (row, step) goes to its row's slot slots[row, step]
+            rows, steps = self.ragged
             slots = self.slots[rows, steps]
             self.k[layer][rows, :, slots] = k[rows, :, steps]
             self.v[layer][rows, :, slots] = v[rows, :, steps]
@@ -339,35 +329,29 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight).float()
 
-    def hidden(self, idx, cache=None, lengths=None):
+    def hidden(self, idx, cache=None):
         """Final-norm hidden states [B, T, dim] of the tokens idx [B, T]. Without a cache the rows
         start at position 0; with one, row b continues from cache.pos[b] and the cache keeps the
         new keys/values, taking a prompt longer than its capacity in chunks of at most that many
-        tokens, so attention memory stays bounded.
-        lengths: rows of different lengths, right-padded: row b is idx[b, :lengths[b]] and its
-        padding costs no matmul, is read by no real token (attention is causal) and is not
-        cached; its hidden states are 0."""
+        tokens, so attention memory stays bounded."""
         if cache is None:
             positions = torch.arange(idx.shape[1], device=idx.device)[None]
-            keep = real_tokens(idx.shape[1], lengths, idx.device)
-            return self.norm(self._blocks(idx, positions, positions, None, keep))
+            return self.norm(self._blocks(idx, positions, positions, None))
         chunks = []
         for start in range(0, idx.shape[1], cache.capacity):
             chunk = idx[:, start:start + cache.capacity]
-            part = None if lengths is None else [min(max(n - start, 0), chunk.shape[1]) for n in lengths]
-            q_pos, k_pos = cache.add(chunk.shape[1], part)
-            chunks.append(self._blocks(chunk, q_pos, k_pos, cache, real_tokens(chunk.shape[1], part, idx.device)))
+            q_pos, k_pos = cache.add(chunk.shape[1])
+            chunks.append(self._blocks(chunk, q_pos, k_pos, cache))
         return self.norm(torch.cat(chunks, dim=1))
 
-    def _blocks(self, idx, q_pos, k_pos, cache, keep=None):
-        """The layers over tokens idx at positions q_pos [B, T] whose keys (cached and new) are at
-        k_pos; with keep, over the tokens it marks alone, as one [N, dim] matrix (see Attention)."""
+    def _blocks(self, idx, q_pos, k_pos, cache):
+        """The layers over tokens idx at positions q_pos [B, T] whose keys (cached and new) are at k_pos."""
         mask = self._mask(q_pos, k_pos, cache)
         cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
-        x = self.tok_embeddings(idx if keep is None else idx[keep])
+        x = self.tok_embeddings(idx)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i, keep)
-        return x if keep is None else x.new_zeros(*idx.shape, x.shape[-1]).index_put_((keep,), x)
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+        return x
 
     def _mask(self, q_pos, k_pos, cache):
         """The one place that decides the attention mask. None where attention needs none, so
@@ -388,40 +372,51 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, stop=None,
-             generator=None):
+@dataclass(frozen=True)
+class Sampling:
+    """How decoding picks each next token: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) cut to the top_k tokens (0 = all) and the top_p probability
+    mass (1 = all). A setting out of range is a ValueError here, where it is made."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+
+GREEDY = Sampling()
+
+
+def generate(model, prompts, max_new_tokens, sampling=GREEDY, *, eos_id=None, stop=None, generator=None):
     """
     The new token ids of each prompt (prompts: token-id lists of any lengths), in order. A row
     ends after it makes eos_id (kept in its list), after max_new_tokens, or when stop(new_ids)
     is true (called with the row's new ids after each token that did not already end it:
-    eval.py checks its stop strings there). temperature 0 is greedy; otherwise sample_next draws from `generator`.
+    eval.py checks its stop strings there). Tokens are chosen as `sampling` says (next_tokens),
+    drawing from `generator`.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    pick = functools.partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     new = [[] for _ in prompts]
-    for row, token in _decode(model, prompts, max_new_tokens, pick, eos_id, stop):
+    for row, token in _decode(model, prompts, max_new_tokens, sampling, generator, eos_id, stop):
         new[row].append(token)
     return new
 
 
-def stream(model, prompt, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, generator=None):
+def stream(model, prompt, max_new_tokens, sampling=GREEDY, *, eos_id=None, generator=None):
     """Yield one prompt's new token ids one at a time, as they are made (sample.py)."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    pick = functools.partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    for _, token in _decode(model, [prompt], max_new_tokens, pick, eos_id, None):
+    for _, token in _decode(model, [prompt], max_new_tokens, sampling, generator, eos_id, None):
         yield token
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p):
-    """ValueError naming the first setting out of range (sample.py checks before loading a model)."""
+def check_max_new_tokens(max_new_tokens):
+    """ValueError unless an integer >= 0 (sample.py checks before loading a model)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
 def check_prompts(args, prompts, max_new_tokens):
@@ -438,18 +433,18 @@ def check_prompts(args, prompts, max_new_tokens):
 
 
 @torch.no_grad()
-def _decode(model, prompts, max_new_tokens, pick, eos_id, stop):
-    """Yield (row, token) as every unfinished row makes its next token; pick(logits [B, vocab])
-    chooses the tokens. A row that finishes leaves the batch and its cache at once."""
+def _decode(model, prompts, max_new_tokens, sampling, generator, eos_id, stop):
+    """Yield (row, token) as every unfinished row makes its next token. A row that finishes
+    leaves the batch and its cache at once."""
+    check_max_new_tokens(max_new_tokens)
     check_prompts(model.args, prompts, max_new_tokens)
     if max_new_tokens == 0:
         return
-    head = _decode_head(model)
     cache, h = _prefill(model, prompts, max_new_tokens)
     rows = list(range(len(prompts)))  # the prompt each batch row belongs to
     new = [[] for _ in prompts]
     while True:
-        tokens = pick(F.linear(h, head).float()).tolist()
+        tokens = next_tokens(model.logits(h), sampling, generator).tolist()
         going = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             new[row].append(token)
@@ -461,7 +456,7 @@ def _decode(model, prompts, max_new_tokens, pick, eos_id, stop):
         if len(going) < len(rows):
             cache = cache.select(going)
             rows, tokens = [rows[i] for i in going], [tokens[i] for i in going]
-        h = model.hidden(torch.tensor(tokens, device=head.device)[:, None], cache)[:, -1]
+        h = model.hidden(torch.tensor(tokens, device=h.device)[:, None], cache)[:, -1]
 
 
 def _prefill(model, prompts, max_new_tokens):
@@ -497,41 +492,19 @@ def _prefill(model, prompts, max_new_tokens):
     return cache.select(rows), torch.cat(last)[rows]
 
 
-# model -> (its head weight, that weight's version, a column-major copy): see _decode_head
-_column_major_heads = weakref.WeakKeyDictionary()
-
-
-def _decode_head(model):
-    """The output head as decoding multiplies it. On CPU, a column-major copy (same values,
-    transposed strides): a decode step multiplies a few rows by this tall [vocab, dim] matrix,
-    which CPU BLAS does about twice as fast in that order, and in a small model the head is a
-    large part of what a step reads. A copy, so the model given is left as it was; it is kept
-    while the model lives and its head is unchanged (a tensor's _version counts its in-place
-    updates, such as optimizer steps), since transposing the head takes several decode steps."""
-    head = model.tok_embeddings.weight if model.output is None else model.output.weight
-    if head.device.type != "cpu":
-        return head
-    kept = _column_major_heads.get(model)
-    if kept is None or kept[0] is not head or kept[1] != head._version:
-        kept = (head, head._version, head.detach().t().contiguous().t())
-        _column_major_heads[model] = kept
-    return kept[2]
-
-
-def sample_next(logits, temperature, top_k, top_p, generator=None):
-    """One token id per row of logits [B, vocab]: the argmax at temperature 0, else a draw from
-    softmax(logits / temperature) cut to the top_k tokens and the top_p probability mass."""
-    if temperature == 0:
+def next_tokens(logits, sampling, generator=None):
+    """One token id per row of logits [B, vocab], chosen as sampling (a Sampling) says."""
+    if sampling.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token once the tokens ranked above it already cover top_p
-        drop = probs.cumsum(-1) - probs >= top_p
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from model import check_prompts, check_sampling, stream
+from configurator import configure, settings
+from model import Sampling, check_max_new_tokens, check_prompts, stream
 from tokenizer import Tokenizer, encode_chat
 from weights import ModelLoadError, load_model
 
@@ -31,13 +32,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # float32 on CPU (no fast bf16 there), bfloat16 on CUDA
 chat = False  # Moxin's chat template; one turn with --prompt, else an interactive conversation
 system = ""  # chat: an optional system message
-# ----------------------------------------------------------------
-from configurator import configure, settings  # noqa: E402
-
 config_keys = settings(globals())
-
-configure(globals(), config_keys)
-# ----------------------------------------------------------------
 
 
 def fail(message):
@@ -63,42 +58,36 @@ def show(tokens, tokenizer, context):
     return ids
 
 
-try:
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-except ValueError as e:
-    fail(str(e))
-if prompt.startswith("FILE:"):
+def read_prompt(prompt):
+    """The prompt's text: as given, or the contents of FILE:path."""
+    if not prompt.startswith("FILE:"):
+        return prompt
     try:
         with open(prompt[5:], encoding="utf-8") as f:
-            prompt = f.read()
+            return f.read()
     except OSError as e:
         fail(f"cannot read prompt file {prompt[5:]}: {e.strerror}")
-if dtype == "auto":
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
-if dtype not in ("float32", "bfloat16", "float16"):
-    fail(f"--dtype must be float32, bfloat16 or float16, got {dtype}")
-torch.manual_seed(seed)
-generator = torch.Generator(device=device).manual_seed(seed)
-try:
-    model, tokenizer_spec = load_model(ckpt, device=device, dtype=getattr(torch, dtype))
-    tokenizer = Tokenizer.load(tokenizer_spec)
-except (ModelLoadError, ValueError) as e:
-    fail(str(e))
-if tokenizer.vocab_size > model.args.vocab_size:
-    fail(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
 
 
-def complete(ids):
+def load(ckpt, device, dtype):
+    """(model, tokenizer) from a checkpoint or HF directory, or a one-line error."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype}")
     try:
-        tokens = stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_id=tokenizer.eos_id, generator=generator)
-        return show(tokens, tokenizer, ids)
-    except ValueError as e:  # e.g. a prompt longer than a full-attention model's context
+        model, tokenizer_spec = load_model(ckpt, device=device, dtype=getattr(torch, dtype))
+        tokenizer = Tokenizer.load(tokenizer_spec)
+    except (ModelLoadError, ValueError) as e:
         fail(str(e))
+    if tokenizer.vocab_size > model.args.vocab_size:
+        fail(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
+    return model, tokenizer
 
 
-def chat_loop():
-    """Each turn re-encodes the whole conversation in the template sft.py trains on."""
+def chat_loop(complete, tokenizer, prompt, system):
+    """Each turn re-encodes the whole conversation in the template sft.py trains on; with a prompt,
+    one turn, else a conversation typed in the terminal."""
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         if prompt:
@@ -117,10 +106,28 @@ def chat_loop():
             return
 
 
-if chat:
-    chat_loop()
-else:
-    ids = tokenizer.encode(prompt, add_special_tokens=True)
+def main():
+    configure(globals(), config_keys)
+    try:
+        check_max_new_tokens(max_new_tokens)
+        sampling = Sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        fail(str(e))
+    text = read_prompt(prompt)
+    model, tokenizer = load(ckpt, device, dtype)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def complete(ids):
+        try:
+            return show(stream(model, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id, generator=generator),
+                        tokenizer, ids)
+        except ValueError as e:  # e.g. a prompt longer than a full-attention model's context
+            fail(str(e))
+
+    if chat:
+        return chat_loop(complete, tokenizer, text, system)
+    ids = tokenizer.encode(text, add_special_tokens=True)
     if not ids:  # a tokenizer that adds no BOS, with an empty prompt: start from its end-of-text token
         ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
     try:
@@ -129,7 +136,11 @@ else:
         fail(str(e))
     for _ in range(num_samples):
         t0 = time.time()
-        print(prompt, end="", flush=True)
+        print(text, end="", flush=True)
         new = complete(ids)
         dt = time.time() - t0
         print(f"---------- {len(new)} tokens in {dt:.1f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,10 @@
 """bench.py's kvcache rows: the rolling buffer holds exactly W/L of a full cache (computed for
-moxin-7b at 32k tokens, allocated for a small model) and gives the same hidden state."""
+moxin-7b at 32k tokens, allocated for a small model) and gives the same hidden state; its
+settings go through the configurator; and it imports no stage script."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -18,3 +20,24 @@ def test_kvcache_is_window_over_length():
     assert computed["ratio"] == 4096 / 32768
     assert allocated["ratio"] == model_args("tiny").sliding_window / 64
     assert "same last hidden state" in allocated["note"]
+
+
+def test_bad_settings_are_one_line(capsys):
+    for argv, message in ((["--only", "train,speed"], "unknown section(s) speed in --only (known: train, decode, "
+                                                      "kvcache, eval, data)"),
+                          (["--device=tpu"], "--device must be cpu or cuda, got tpu"),
+                          (["--rounds=3"], "unknown config key '--rounds'")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_bench_imports_no_stage_script():
+    """bench.py measures eval.py through its command line: importing bench loads no eval.py."""
+    import subprocess
+
+    code = "import sys, bench; print(sorted({'eval', 'grpo', 'pretrain', 'sft', 'dpo'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "[]", done.stderr

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,8 @@ import torch
 
 import eval as ev
 import tasks
-from tasks import math_grader
 from tokenizer import Tokenizer
-from model import Transformer, model_args
+from model import KVCache, Transformer, model_args
 from weights import export_hf, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def harness(hf_dir):
 @pytest.mark.parametrize("task, k", CASES)
 def test_loglikelihoods_and_answers_match_harness(ours, harness, task, k):
     model, tokenizer = ours
-    result = ev.evaluate(model, tokenizer, task, k, data_dir=str(DATA), batch_size=4, progress=False)
+    result = ev.evaluate(model, tokenizer, task, k, data_dir=str(DATA), batch_size=4)
     expected = [lls for unit in harness[task, k].values() for _, lls in unit]
     docs = [doc for _, unit in tasks.load_units(tasks.TASKS[task], k, str(DATA), None) for doc in unit]
     assert len(result["items"]) == len(expected) == len(docs)
@@ -171,6 +171,7 @@ def test_render_examples():
         tasks.render_examples("piqa", [{"goal": "g", "sol1": "a", "label": 0}])
 
 
+@pytest.mark.concept
 def test_fast_scorer_equals_reference():
     """Shared prefix, contexts of different lengths batched together, fanned-out continuations
     (some sharing their first tokens), one-token answers that need no cache past the context,
@@ -198,8 +199,30 @@ def check_fast_scorer(model):
     questions.append([(prefix[:10] + rand(4), rand(2))])  # a question that shares only part of the prefix
     expected = [ev.score_reference(model, q) for q in questions]
     for batch_size in (1, 3, 5, 16):
-        scores = ev.score_unit(model, questions, batch_size, ev.tqdm(disable=True))
+        scores = ev.score_cached(model, questions, batch_size, ev.tqdm(disable=True))
         assert max(abs(a - b) for lls, ref in zip(scores, expected) for a, b in zip(lls, ref)) < 1e-4
+
+
+@pytest.mark.parametrize("window", [8, None])
+@torch.no_grad()
+def test_ragged_rows_equal_each_row_alone(window):
+    """ragged_hidden: rows of different lengths, continuing a cache's rows at different positions
+    (past the window of 8 in the second call), give each row's hidden states as model.hidden
+    gives that row alone; the padding never enters the cache, or the second call would read it."""
+    torch.manual_seed(0)
+    model = Transformer(model_args("tiny", sliding_window=window))
+    model.init_weights()
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (13, 5, 1, 20)]
+    more = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 6, 1)]
+    alone = torch.cat([model.hidden(torch.tensor([r]))[0] for r in rows])
+    alone_more = torch.cat([model.hidden(torch.tensor([r + m]))[0, len(r):] for r, m in zip(rows, more)])
+    # a cache that holds every row whole, as score_cached's
+    cache = KVCache(replace(model.args, sliding_window=None, max_seq_len=32), len(rows), "cpu", torch.float32)
+    assert (ev.ragged_hidden(model, rows, cache) - alone).abs().max().item() < 1e-5
+    assert cache.pos == [13, 5, 1, 20]
+    assert (ev.ragged_hidden(model, more, cache) - alone_more).abs().max().item() < 1e-5
 
 
 def test_command_line_writes_table_and_json(hf_dir, tmp_path):
@@ -234,6 +257,11 @@ def write_task(root, task, split, rows):
     (["--tasks", "piqa", "--chat"], "--chat applies to generative tasks, and piqa is multiple choice"),
     (["--tasks", "gsm8k", "--log_samples"], "--log_samples writes into --out: give --out FILE.json"),
     (["--tasks", "piqa", "--suite", "moxin_zeroshot"], "give either --tasks or --suite"),
+    (["--suite", "moxin"], f"unknown suite 'moxin' (known: {', '.join(tasks.SUITES)})"),
+    (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive integer, got 0"),
+    (["--tasks", "piqa", "--num_fewshot", "two"], "--num_fewshot must be an integer >= 0, got 'two'"),
+    (["--tasks", "piqa", "--temprature", "1"], "unknown config key '--temprature' (did you mean --temperature?)"),
+    (["--tasks", "gsm8k", "--top_p", "0"], "--top_p must be in (0, 1] (1 = off), got 0.0"),
     (["--tasks", "hellaswag", "--num_fewshot", "4"], "hellaswag: 4 shots need 5 rows (one more than k: the question "
                                                      "itself is skipped), but its train split has 4"),
     (["--tasks", "mmlu", "--num_fewshot", "6"], "mmlu: 6 shots need 6 rows, but subject abstract_algebra of its "
@@ -244,6 +272,16 @@ def test_bad_arguments(hf_dir, capsys, args, message):
         ev.main(["--ckpt", str(hf_dir), "--data_dir", str(DATA), *args])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_config_file_and_overrides(hf_dir, tmp_path):
+    """A config file sets eval.py's settings as it does a training stage's; --key value overrides it."""
+    config = tmp_path / "piqa_quick.py"
+    config.write_text(f"tasks = 'piqa'\nlimit = 3\ndata_dir = {str(DATA)!r}\n")
+    out = tmp_path / "results.json"
+    ev.main([str(config), "--ckpt", str(hf_dir), "--limit", "2", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["piqa"] and results["piqa"]["n"] == 2
 
 
 def test_bad_data_dir(hf_dir, tmp_path, capsys):
@@ -353,7 +391,7 @@ def test_gsm8k_matches_harness(gsm8k_dir, tmp_path, chat):
         config = json.loads((gsm8k_dir / "tokenizer_config.json").read_text())
         (gsm8k_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TULU_TEMPLATE}))
     model, spec = load_model(str(gsm8k_dir))
-    result = ev.evaluate(model, Tokenizer.load(spec), "gsm8k", data_dir=str(DATA), batch_size=4, progress=False,
+    result = ev.evaluate(model, Tokenizer.load(spec), "gsm8k", data_dir=str(DATA), batch_size=4,
                          gen=ev.Generation(chat=chat))
     expected = harness_gsm8k(gsm8k_dir, chat)
     assert len(result["items"]) == len(expected) == 6
@@ -369,66 +407,6 @@ def test_gsm8k_matches_harness(gsm8k_dir, tmp_path, chat):
     verdicts = [item["scores"]["exact_match,strict-match"] for item in result["items"]]
     assert 0 < sum(verdicts) < len(verdicts)  # right and wrong answers both occur
     assert result["metrics"]["exact_match,strict-match"] == sum(verdicts) / len(verdicts)
-
-
-# (model output, gold answer, verdict): each verdict argued
-MATH_CASES = [
-    # the plain case
-    ("So the sum is $\\boxed{\\frac{3}{4}}$.", "\\frac{3}{4}", True),
-    # nested braces: the box closes at the brace matching its own, not at the first "}"; the
-    # gold's \sqrt3 is LaTeX shorthand for \sqrt{3}
-    ("Hence $\\boxed{\\frac{\\sqrt{3}}{2}}$", "\\frac{\\sqrt3}{2}", True),
-    ("$\\boxed{\\{1, 2\\}}$", "\\{1,2\\}", True),  # escaped braces inside the box pair up too
-    # \dfrac is \frac at display size, \frac12 is \frac{1}{2}: one number written three ways
-    ("$\\boxed{\\dfrac{1}{2}}$", "\\frac12", True),
-    # 0.5 is exactly 1/2 (MATH's own normalisation maps "0.5" to \frac{1}{2}); a reward that
-    # rejected it would teach the model a notation, not mathematics
-    ("$\\boxed{0.5}$", "\\frac12", True),
-    # ...but only exactly: a rounded decimal is a different number
-    ("$\\boxed{0.33}$", "\\frac13", False),
-    # no \boxed: the instruction asks for one and a grader must not guess which number is meant
-    ("The answer is 5.", "5", False),
-    # cut off before the box closed: there is no final answer
-    ("so $\\boxed{\\frac{1}{2}", "\\frac{1}{2}", False),
-    # units after the number are not part of the answer (MATH's rule: what follows "\text{ ")
-    ("The side is $\\boxed{5\\text{ cm}}$.", "5", True),
-    ("$\\boxed{25\\text{cm}}$", "25", True),
-    ("$\\boxed{30^\\circ}$", "30", True),
-    ("$\\boxed{\\$18}$", "18", True),
-    ("$\\boxed{10\\%}$", "10", True),
-    # trailing text after the box does not matter; only the last box is the final answer
-    ("$\\boxed{7}$. Checking: 3 + 4 = 7, as required.", "7", True),
-    ("First $\\boxed{3}$, but that is wrong; correcting, $\\boxed{4}$ and done.", "3", False),
-    ("First $\\boxed{3}$, but that is wrong; correcting, $\\boxed{4}$ and done.", "4", True),
-    # "x = 2" answers with a name for the value; the value is what is graded
-    ("$\\boxed{x = 2}$", "2", True),
-    # one thousand with a separator, an integer written as a decimal, \left/\right sizing
-    ("$\\boxed{1,000}$", "1000", True),
-    ("$\\boxed{5.0}$", "5", True),
-    ("$\\boxed{5.01}$", "5", False),
-    ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$", "(3,\\frac{\\pi}{2})", True),
-    # an ordered pair keeps its order, and its comma is not a thousands separator
-    ("$\\boxed{(2,1)}$", "(1,2)", False),
-    # \text{} around a word is formatting; the word is the answer
-    ("$\\boxed{\\text{Evelyn}}$", "\\text{Evelyn}", True),
-    ("$\\boxed{\\text{Evelyn}}$", "Evelyn", True),
-    # MATH's brace-less form for a one-token answer
-    ("the answer is $\\boxed 5$.", "5", True),
-    # a different expression is wrong however it is written
-    ("$\\boxed{2\\sqrt{3}}$", "3\\sqrt{2}", False),
-]
-
-
-@pytest.mark.parametrize("output, answer, verdict", MATH_CASES)
-def test_math_grader(output, answer, verdict):
-    assert math_grader.math_reward(output, answer) == float(verdict)
-
-
-def test_extract_boxed():
-    assert math_grader.extract_boxed("a $\\boxed{\\frac{a}{\\sqrt{b}}}$ b") == "\\frac{a}{\\sqrt{b}}"
-    assert math_grader.extract_boxed("\\boxed{1} then \\fbox{2}") == "2"
-    assert math_grader.extract_boxed("no box") is None
-    assert math_grader.extract_boxed("\\boxed{open") is None
 
 
 def test_generative_command_line_logs_samples(gsm8k_dir, tmp_path, capsys):
@@ -455,7 +433,7 @@ def test_sampling_averages_over_samples(gsm8k_dir, one_thread):
     model, spec = load_model(str(gsm8k_dir))
     tokenizer = Tokenizer.load(spec)
     gen = ev.Generation(max_gen_toks=16, samples=3, temperature=1.0, seed=1)
-    run = lambda: ev.evaluate(model, tokenizer, "gsm8k", data_dir=str(DATA), limit=2, progress=False, gen=gen)
+    run = lambda: ev.evaluate(model, tokenizer, "gsm8k", data_dir=str(DATA), limit=2, gen=gen)
     first, again = run(), run()
     for item in first["items"]:
         texts = [c["text"] for c in item["completions"]]

@@ -386,7 +386,7 @@ def test_deepscaler_config_parses():
 
 def test_rollout_model_follows_the_policy():
     """Each step's rollouts come from the policy's current weights: nothing the rollout copy keeps
-    between steps (e.g. generate's column-major head on CPU) may go stale after a sync."""
+    between steps may go stale after a sync (sync_rollout_model copies one tensor at a time)."""
     policy = tiny_model()
     rollout_model = grpo.build_rollout_model(policy.args, torch.device('cpu'))
     # 2 greedy completions of 5 tokens: a random model's near-uniform sampling would hide changes

@@ -58,6 +58,7 @@ def tiny(**overrides):
     return m.eval()
 
 
+@pytest.mark.concept
 @torch.no_grad()
 def test_matches_hf_mistral_with_sliding_window(tmp_path):
     hf = hf_mistral(tmp_path)
@@ -83,6 +84,7 @@ def test_matches_hf_llama_with_tied_embeddings(tmp_path):
     assert diff < 1e-4, diff
 
 
+@pytest.mark.concept
 @torch.no_grad()
 @pytest.mark.parametrize("overrides", [dict(), dict(n_kv_heads=4), dict(sliding_window=None)])
 def test_fast_path_matches_written_out_attention(overrides):
@@ -111,6 +113,7 @@ def test_mha_when_kv_heads_equal_heads():
     assert (ours - theirs).abs().max().item() < 1e-5
 
 
+@pytest.mark.concept
 @torch.no_grad()
 def test_cached_decode_equals_full_forward():
     model = tiny()  # W = 8
@@ -137,38 +140,17 @@ def test_cache_expand_shares_a_prefix():
     assert (out - full).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("window", [8, None])
-@torch.no_grad()
-def test_rows_of_different_lengths_equal_each_row_alone(window):
-    """hidden(..., lengths=): right-padded rows, with and without a cache (rows at different
-    positions, continued past the window in a second call): each real token's hidden state
-    equals that row's own unpadded forward; padding is 0 and is not cached."""
-    model = tiny(sliding_window=window)
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(0, 256, (n,), generator=g) for n in (13, 5, 1, 20)]
-    more = [torch.randint(0, 256, (n,), generator=g) for n in (3, 9, 6, 1)]
-    pad = lambda rs: torch.stack([torch.cat([r, torch.zeros(max(map(len, rs)) - len(r), dtype=torch.long)]) for r in rs])
-    lengths, more_lengths = [len(r) for r in rows], [len(r) for r in more]
-    alone = [model.hidden(r[None])[0] for r in rows]
-    alone_more = [model.hidden(torch.cat([r, m])[None])[0, len(r):] for r, m in zip(rows, more)]
-
-    plain = model.hidden(pad(rows), lengths=lengths)
-    cache = M.KVCache(model.args, len(rows), "cpu", torch.float32)
-    first = model.hidden(pad(rows), cache, lengths=lengths)
-    assert cache.pos == lengths
-    second = model.hidden(pad(more), cache, lengths=more_lengths)
-    for out in (plain, first):
-        for b, n in enumerate(lengths):
-            assert (out[b, :n] - alone[b]).abs().max().item() < 1e-5
-            assert not out[b, n:].any()
-    for b, n in enumerate(more_lengths):
-        assert (second[b, :n] - alone_more[b]).abs().max().item() < 1e-5
-    if window is None:  # a cache that cannot roll names the row that overflows it
-        small = M.KVCache(model.args, 2, "cpu", torch.float32, max_tokens=10)
-        with pytest.raises(ValueError, match="row 1 holds 10 tokens, and 1 more exceed its 10 slots"):
-            model.hidden(torch.zeros(2, 11, dtype=torch.long), small, lengths=[1, 11])
+def test_cache_overflow_names_the_row():
+    """A cache that cannot roll (full attention) names the row that would overflow it, counting
+    each row's own tokens when rows are ragged (add's lengths)."""
+    cache = M.KVCache(M.model_args("tiny", sliding_window=None), 2, "cpu", torch.float32, max_tokens=10)
+    cache.add(8, [8, 3])
+    assert cache.pos == [8, 3]
+    with pytest.raises(ValueError, match="row 0 holds 8 tokens, and 3 more exceed its 10 slots"):
+        cache.add(3, [3, 1])
 
 
+@pytest.mark.concept
 def test_rolling_slots():
     cache = M.KVCache(M.model_args("tiny"), 1, "cpu", torch.float32)  # 8 slots
     # after 11 tokens positions 3..10 are held, position p in slot p % 8; after 3, slots 0..2
@@ -206,6 +188,7 @@ def test_export_hf_roundtrip(tmp_path):
     assert (again(idx)[0] - model(idx)[0]).abs().max().item() == 0
 
 
+@pytest.mark.concept
 @torch.no_grad()
 def test_consolidated_interleaved_rope(tmp_path):
     """Mistral's original format stores q/k rows as interleaved RoPE pairs."""
@@ -281,6 +264,7 @@ def written_out_attention(q, k, v, allowed):
     return scores.softmax(-1) @ v
 
 
+@pytest.mark.concept
 @torch.no_grad()
 def test_masked_attention_with_expanded_heads():
     """With a mask, CUDA runs attend on k/v expanded to every query head (repeat_kv), so that a
@@ -318,6 +302,7 @@ def prompts_of(lengths, seed=0, prefix=()):
     return [list(prefix) + torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.concept
 @torch.no_grad()
 @pytest.mark.parametrize("window", [8, None])
 def test_batched_greedy_equals_each_prompt_alone(window):
@@ -383,8 +368,8 @@ def test_eos_and_stop_end_rows_and_finished_rows_leave_the_batch(monkeypatch):
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     model = tiny()
     prompts = prompts_of([4, 9, 4])
-    draw = lambda seed, **kw: M.generate(model, prompts, 10, temperature=1.0,
-                                         generator=torch.Generator().manual_seed(seed), **kw)
+    draw = lambda seed, **kw: M.generate(model, prompts, 10, M.Sampling(1.0, **kw),
+                                         generator=torch.Generator().manual_seed(seed))
     assert draw(3) == draw(3) and draw(3) != draw(4)
     assert draw(3, top_p=0.5) == draw(3, top_p=0.5)
     assert draw(5, top_k=1) == M.generate(model, prompts, 10)
@@ -396,8 +381,8 @@ def test_stream_yields_what_generate_returns():
     prompt = prompts_of([13])[0]
     assert list(M.stream(model, prompt, 12)) == M.generate(model, [prompt], 12)[0]
     g = lambda: torch.Generator().manual_seed(0)
-    assert list(M.stream(model, prompt, 12, temperature=0.7, top_k=20, generator=g())) == \
-        M.generate(model, [prompt], 12, temperature=0.7, top_k=20, generator=g())[0]
+    assert list(M.stream(model, prompt, 12, M.Sampling(0.7, top_k=20), generator=g())) == \
+        M.generate(model, [prompt], 12, M.Sampling(0.7, top_k=20), generator=g())[0]
 
 
 @torch.no_grad()
@@ -405,17 +390,25 @@ def test_generate_leaves_the_model_as_it_was():
     model = tiny()
     before = {n: (p.data_ptr(), p.stride(), p.clone()) for n, p in model.state_dict().items()}
     M.generate(model, prompts_of([5, 12]), 6)
-    M.generate(model, prompts_of([5, 12]), 6, temperature=1.0, top_p=0.9)
+    M.generate(model, prompts_of([5, 12]), 6, M.Sampling(1.0, top_p=0.9))
     for n, p in model.state_dict().items():
         assert (p.data_ptr(), p.stride()) == before[n][:2] and torch.equal(p, before[n][2]), n
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=-5), "max_new_tokens must be an integer >= 0, got -5"),
+@pytest.mark.parametrize("settings, message", [
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_k=2.0), "top_k must be an integer >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+])
+def test_sampling_settings_out_of_range(settings, message):
+    with pytest.raises(ValueError, match=message):
+        M.Sampling(**settings)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=-5), "max_new_tokens must be an integer >= 0, got -5"),
     (dict(prompts=[[1, 2], []]), "each a non-empty list of token ids"),
     (dict(prompts=[[1, 256]]), "prompt 0 has token id 256, outside the model's vocabulary of 256"),
     (dict(prompts=[[1] * 100], max_new_tokens=29), r"prompt \(100 tokens\) \+ max_new_tokens \(29\) exceeds "
@@ -425,18 +418,5 @@ def test_generate_bad_arguments(kwargs, message):
     model = tiny(sliding_window=None)
     kwargs = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
-        M.generate(model, kwargs.pop("prompts"), kwargs.pop("max_new_tokens"), **kwargs)
+        M.generate(model, kwargs["prompts"], kwargs["max_new_tokens"])
     assert M.generate(model, [[1] * 100], 28)[0] and M.generate(model, [[1, 2]], 0) == [[]]
-
-
-@torch.no_grad()
-def test_decode_head_follows_weight_updates():
-    """generate keeps a column-major copy of the head between calls; an in-place update (an
-    optimizer step) must reach it, or GRPO would sample from stale weights."""
-    model = tiny(tie_embeddings=True)
-    prompts = prompts_of([5, 9])
-    M.generate(model, prompts, 4)
-    model.tok_embeddings.weight.mul_(-1.0)
-    fresh = M.Transformer(model.args).eval()
-    fresh.load_state_dict(model.state_dict())
-    assert M.generate(model, prompts, 8) == M.generate(fresh, prompts, 8)
