@@ -41,11 +41,13 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from unittest.mock import patch
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -113,6 +115,14 @@ class _AnyScalar(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _every_position_logprobs(self, idx, targets):
+    """Transformer.token_logprobs with the head at every position, through forward(): fake tensors
+    cannot make the data-dependent selection of the scored positions, so the dry run counts this
+    upper bound (and FSDPMemTracker follows the root module through forward() alone)."""
+    logits, _ = self(idx)
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction='none').view_as(targets)
+
+
 @contextmanager
 def fake_ranks(gpus):
     """Rank 0 of a fake process group of `gpus` ranks, under FakeTensorMode. -> the `fsdp` argument
@@ -142,7 +152,8 @@ def simulate(args, config, setup, loss_fn=lm_loss, make_batch=random_tokens, ref
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     # the device is the CPU (a CPU build cannot run autograd on fake CUDA tensors); precision is CUDA's
     device = torch.device('cpu')
-    with fake_ranks(setup.gpus) as fsdp:
+    with fake_ranks(setup.gpus) as fsdp, patch.object(Transformer, 'token_logprobs', _every_position_logprobs), \
+            patch('trainer.register_fsdp_forward_method'):
         model = build_model(args, device, config['seed'], None, False, setup.activation_checkpointing, fsdp)
         frozen = 0
         if reference:  # after the policy, as grpo.py builds it
@@ -472,9 +483,15 @@ def datasheet_bandwidth(gpu):
     return next(bandwidth for part, bandwidth in GPU_BANDWIDTH.items() if part in gpu)
 
 
-def rollout_rows(config, gpus):
+def completions_per_rank(config, gpus):
     """The completions a rank generates in a step: its prompts_per_step / gpus prompts, group_size each."""
     return config['prompts_per_step'] // gpus * config['group_size']
+
+
+def rollout_rows(config, gpus):
+    """The completions a rank generates at once (the rows of its KV cache): grpo.py's rollout_rows,
+    or all of its completions when they are fewer."""
+    return min(config['rollout_rows'], completions_per_rank(config, gpus))
 
 
 def fullest_micro_batch(micro_batch_tokens, block_size):
@@ -628,22 +645,24 @@ def _grpo_arithmetic(args, config, setup):
     gpu, mfu, block, new = config['gpu'], config['mfu'], config['block_size'], config['max_new_tokens']
     flops_per_s, bandwidth = datasheet_peak(gpu) * mfu, datasheet_bandwidth(gpu)
     prompts, prompt = config['prompts_per_step'] // setup.gpus, block - new
-    rows, length = setup.rollout_rows, block - 1
-    decode = decode_seconds(args, rows, prompt, new, bandwidth, flops_per_s)
+    rows, length = completions_per_rank(config, setup.gpus), block - 1
+    chunks = -(-rows // setup.rollout_rows)  # generate() calls, each setup.rollout_rows rows at most
+    decode = chunks * decode_seconds(args, setup.rollout_rows, prompt, new, bandwidth, flops_per_s)
     prefill = prompts * prompt * flops_per_token(args, prompt) / 3 / flops_per_s  # each distinct prompt once
     tokens = rows * length
     passes = 2 if config['kl_coef'] else 1  # pi_old, and pi_ref when there is a KL term
     logprobs = passes * tokens * flops_per_token(args, length) / 3 / flops_per_s
     update = config['ppo_epochs'] * tokens * flops_per_token(args, length) / flops_per_s
     step = decode + prefill + logprobs + update
-    kv = kv_cache_bytes(args, rows, block)
+    kv = kv_cache_bytes(args, setup.rollout_rows, block)
     hours = config['max_steps'] * step / 3600
     return '\n'.join([
         f"rollouts per GPU: {prompts} prompts x {config['group_size']} = {rows} completions of a prompt of up to "
         f"{prompt:,} tokens + {new:,} new ones (every completion assumed to run to max_new_tokens: the worst case)",
-        f"  decode: {new:,} steps, each reading the bf16 weights ({_size(weights_bytes(args))}) and the filled KV "
-        f"cache (up to {_size(kv)}) at {bandwidth / 1e12:.3g} TB/s ({gpu} HBM datasheet), or computing {rows} "
-        f"tokens at MFU {mfu:.0%} where that is slower: {_number(decode)} s",
+        f"  decode: {_plural(chunks, 'call')} of {setup.rollout_rows} rows x {new:,} steps, each reading the bf16 "
+        f"weights ({_size(weights_bytes(args))}) and the filled KV cache (up to {_size(kv)}) at "
+        f"{bandwidth / 1e12:.3g} TB/s ({gpu} HBM datasheet), or computing {setup.rollout_rows} tokens at MFU "
+        f"{mfu:.0%} where that is slower: {_number(decode)} s",
         f"  prefill: {prompts} prompts x {prompt:,} tokens at MFU {mfu:.0%}: {_number(prefill)} s",
         f"log-probs: {passes} forward pass(es) (pi_old{', pi_ref' if passes == 2 else ''}) over {rows} x {length:,} "
         f"tokens: {_number(logprobs)} s",

@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from chats import chat_tokenizer, math_prompt, rows
 from configurator import settings
 from dataloader import resume_position
-from model import Sampling, Transformer, generate
+from model import GREEDY, Sampling, Transformer, generate
 from tasks.math_grader import math_reward
 from tokenizer import encode_chat
 from weights import is_hub_id
@@ -67,6 +67,8 @@ eval_limit = 200                # problems of eval_dataset to answer
 eval_samples = 8                # and sampled eval_samples times each (at temperature / top_p); 0 = greedy only
 block_size = 128                # prompt + response tokens
 max_new_tokens = 32             # the longest response; prompts longer than block_size - max_new_tokens are skipped
+rollout_rows = 64               # completions generated at once on a rank (the rows of its KV cache): memory only,
+                                # every completion is the same for any value
 # one step: prompts_per_step prompts x group_size sampled completions, over all ranks
 prompts_per_step = 8
 group_size = 8
@@ -190,18 +192,31 @@ def sync_rollout_model(policy, rollout_model):
         q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
 
 
-def generator_for(seed, step, slot, device):
-    """The random generator of one group: a function of (seed, step, the prompt's slot in the step) only."""
-    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0]))
+def group_generators(seed, step, slot, n, device):
+    """The random generators of one group, one per completion: completion j of the prompt in the
+    step's slot draws from a function of (seed, step, slot, j) alone."""
+    seeds = [int(np.random.SeedSequence([seed, step, slot, j]).generate_state(1)[0]) for j in range(n)]
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
-def rollout(model, prompts, generators, n, max_new_tokens, temperature, top_p, eos_id):
-    """n completions of each prompt (new token ids, ending with EOS unless cut at max_new_tokens),
-    sampled at temperature / top_p; one call per group with the group's own generator, so the prompt
-    is prefilled once and shared by its samples."""
-    sampling = Sampling(temperature, top_p=top_p)
-    return [generate(model, [prompt] * n, max_new_tokens, sampling, eos_id=eos_id, generator=g)
-            for prompt, g in zip(prompts, generators)]
+def rollout(model, prompts, generators, max_new_tokens, sampling, eos_id, chunk_rows, after_chunk=None):
+    """len(generators[i]) completions of prompt i (new token ids, ending with EOS unless cut at
+    max_new_tokens), drawn as `sampling` says; batched, chunk_rows completions per generate() call
+    (the KV cache holds that many rows; a prompt's samples side by side, so each prompt is prefilled
+    once per chunk it falls in). Completion j of prompt i draws from generators[i][j] alone, so the
+    chunking, and which prompts share a chunk or a rank, change nothing. after_chunk() runs after
+    each chunk (main checks for a stop signal there)."""
+    rows = [(i, j) for i, group in enumerate(generators) for j in range(len(group))]
+    groups = [[None] * len(group) for group in generators]
+    for start in range(0, len(rows), chunk_rows):
+        chunk = rows[start:start + chunk_rows]
+        new = generate(model, [prompts[i] for i, _ in chunk], max_new_tokens, sampling, eos_id=eos_id,
+                       generator=[generators[i][j] for i, j in chunk])
+        for (i, j), completion in zip(chunk, new):
+            groups[i][j] = completion
+        if after_chunk:
+            after_chunk()
+    return groups
 
 
 # ----------------------------------------------------------------------------- 3. advantages
@@ -310,18 +325,21 @@ def update(policy, optimizer, minis, loss_fn, step_lr, ppo_epochs, grad_clip):
 HELDOUT_STEP = 2 ** 31 - 1  # the step the held-out samples are drawn at: no training step's, the same before and after
 
 
-def heldout_accuracy(model, problems, tokenizer, seed, max_new_tokens, samples, temperature, top_p):
+def heldout_accuracy(model, problems, tokenizer, seed, max_new_tokens, samples, sampling, chunk_rows):
     """Accuracy on problems (prompt ids, answer) through tasks.math_grader.math_reward: -> (greedy, sampled), sampled =
-    the mean over `samples` completions per problem at temperature / top_p (DeepScaleR's "pass@1
+    the mean over `samples` completions per problem drawn as the rollouts are (DeepScaleR's "pass@1
     averaged over 16 samples"; None if samples = 0). Rank r answers every world_size-th problem; problem
-    i's samples come from generator_for(seed, HELDOUT_STEP, i), so every run and both passes draw the same noise."""
+    i's samples come from group_generators(seed, HELDOUT_STEP, i, ...), so every run and both passes draw the
+    same noise."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     mine = list(range(rank, len(problems), world_size))
     prompts, answers = [problems[i][0] for i in mine], [problems[i][1] for i in mine]
-    greedy = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id) if mine else []
-    sampled = rollout(model, prompts, [generator_for(seed, HELDOUT_STEP, i, device) for i in mine], samples,
-                      max_new_tokens, temperature, top_p, tokenizer.eos_id) if samples else []
+    greedy = [group[0] for group in rollout(model, prompts, [[None]] * len(prompts), max_new_tokens, GREEDY,
+                                            tokenizer.eos_id, chunk_rows)]
+    generators = [group_generators(seed, HELDOUT_STEP, i, samples, device) for i in mine]
+    sampled = rollout(model, prompts, generators, max_new_tokens, sampling, tokenizer.eos_id, chunk_rows) \
+        if samples else []
     right = lambda completions, answer: sum(math_reward(tokenizer.decode(c), answer) for c in completions)
     counts = torch.tensor([sum(right([c], a) for c, a in zip(greedy, answers)), len(mine),
                            sum(right(group, a) for group, a in zip(sampled, answers)), len(sampled) * samples],
@@ -351,6 +369,12 @@ def check_settings(config, world_size):
     if group_size < 2:
         raise UsageError(f"group_size={group_size}: GRPO needs at least 2 completions per prompt "
                          f"(each is compared with its group's mean)")
+    try:
+        Sampling(config['temperature'], top_p=config['top_p'])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not (isinstance(config['rollout_rows'], int) and config['rollout_rows'] >= 1):
+        raise UsageError(f"rollout_rows={config['rollout_rows']!r}: the completions generated at once, an integer >= 1")
     if eval_samples < 0:
         raise UsageError(f"eval_samples={eval_samples}: must be 0 (greedy only) or more")
     if prompts_per_step % (mini_batches * world_size):
@@ -364,12 +388,11 @@ def check_settings(config, world_size):
 
 
 def main(rank, world_size, device):
-    master = rank == 0
     t_start = time.time()
     config = {k: globals()[k] for k in config_keys}
     check_settings(config, world_size)
-    # the reference is init_from's weights even when the policy resumes from a checkpoint
-    resume_path = find_checkpoint(resume, out_dir)
+    sampling = Sampling(temperature, top_p=top_p)  # how rollouts draw (in range: check_settings)
+    resume_path = find_checkpoint(resume, out_dir)  # the reference is init_from's weights even when resuming
     args, init_state, tokenizer_spec = starting_weights(init_from, rank, world_size)
     if resume_path and checkpoint_meta(resume_path)['model_args'] != asdict(args):
         raise UsageError(f"{resume_path} holds a model of another shape than init_from={init_from}")
@@ -390,19 +413,19 @@ def main(rank, world_size, device):
     optimizer = build_optimizer(policy, lr, weight_decay, betas, eps, device)
     run = Run(out_dir, {'model_args': asdict(args), 'tokenizer': tokenizer.spec, 'config': config},
               log_interval, ckpt_interval, keep_last)
-    if master:
+    if rank == 0:
         print(describe_model(policy, f"resumed from {resume_path}" if resume_path else f"init from {init_from}",
                              world_size, device))
         print(f"data: {dataset}: {len(prompts):,} problems, {too_long:,} skipped: longer than block_size - "
-              f"max_new_tokens = {block_size - max_new_tokens} tokens; {loader.steps_per_epoch} steps per epoch")
-        print(f"step: {prompts_per_step} prompts x {group_size} completions over {world_size} rank(s), "
+              f"max_new_tokens = {block_size - max_new_tokens} tokens; {loader.steps_per_epoch} steps per epoch\n"
+              f"step: {prompts_per_step} prompts x {group_size} completions over {world_size} rank(s), "
               f"{ppo_epochs} x {mini_batches} optimizer steps; {max_steps} steps")
     run.start(policy, optimizer, loader, resume_path, max_steps, 'grpo')
 
     def log_heldout_accuracy():
         sync_rollout_model(policy, rollout_model)
         greedy, sampled = heldout_accuracy(rollout_model, heldout, tokenizer, seed, max_new_tokens, eval_samples,
-                                           temperature, top_p)
+                                           sampling, rollout_rows)
         line = f"held-out accuracy at step {run.step} ({len(heldout)} of {eval_dataset}): greedy {greedy:.1%}"
         if eval_samples:
             line += f", sampled {sampled:.1%} (mean of {eval_samples} at temperature {temperature})"
@@ -411,17 +434,18 @@ def main(rank, world_size, device):
     if heldout:
         log_heldout_accuracy()
     loss_fn = partial(grpo_loss, clip_eps=clip_eps, kl_coef=kl_coef)
-
     # ---- the loop
     while run.step < max_steps:
         step_lr = lr_at(run.step, lr, warmup_steps, max_steps, min_lr_ratio)
         t0 = time.perf_counter()
+        rewind = partial(loader.load_state_dict, loader.state_dict())  # a stop signal within the step drops it
         indices, slots = zip(*loader.next_prompts())
         step_prompts = [prompts[i][0] for i in indices]
         # 1. rollout: group_size samples of each prompt from the policy as it is now
         sync_rollout_model(policy, rollout_model)
-        groups = rollout(rollout_model, step_prompts, [generator_for(seed, run.step, s, device) for s in slots],
-                         group_size, max_new_tokens, temperature, top_p, tokenizer.eos_id)
+        generators = [group_generators(seed, run.step, s, group_size, device) for s in slots]
+        groups = rollout(rollout_model, step_prompts, generators, max_new_tokens, sampling, tokenizer.eos_id,
+                         rollout_rows, after_chunk=partial(run.stop_if_signalled, rewind=rewind))
         # 2. reward: r_i = 1 if the last \boxed{} of completion i is the answer, else 0
         rewards = torch.tensor([[math_reward(tokenizer.decode(c), prompts[i][1]) for c in group]
                                 for i, group in zip(indices, groups)])
@@ -440,7 +464,7 @@ def main(rank, world_size, device):
     if heldout:
         log_heldout_accuracy()
     run.finish(tokenizer, with_hf=export_hf)
-    if master:
+    if rank == 0:
         print(f"done: {run.step} steps in {time.time() - t_start:.0f}s; wrote {out_dir}/final.pt. "
               f"Try: python sample.py --ckpt {out_dir}/final.pt --chat")
 

@@ -115,15 +115,23 @@ def attend(q, k, v, mask, causal=False):
     [B, n_kv_heads, Tk, hd]: each group of n_heads // n_kv_heads query heads reads one key/value
     head (grouped-query attention). mask: boolean [B, 1, Tq, Tk], True = may read; or None, and
     then query i reads keys 0..i if causal (a whole sequence) or every key (a decode step)."""
+    B, H, Tq, hd = q.shape
+    group = H // k.shape[1]
+    if Tq == 1 and group > 1:
+        # one new token (a decode step): the query heads of a group become the query rows of their
+        # key/value head, so the keys and values are read once, never copied per head, and any kernel
+        # takes the mask (the same for every head of a row)
+        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], group, hd), k, v, attn_mask=mask)
+        return y.view(B, H, 1, hd)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
-    if q.is_cuda and q.shape[1] != k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
+    if q.is_cuda and group > 1:
         # With enable_gqa, CUDA's SDPA takes a mask only in its math kernel, which writes out
         # float32 [B, H, Tq, Tk] scores; given one key/value head per query head, the fused
         # memory-efficient kernel takes the mask. (The CPU kernels take it either way, and there
         # the copy would only cost time.)
         k, v = repeat_kv(k, v, q.shape[1] // k.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
 
 
 def repeat_kv(k, v, group):
@@ -325,6 +333,16 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def token_logprobs(self, idx, targets):
+        """log p(targets[b, t] | idx[b, :t + 1]) [B, T] in float32, 0 where targets is -1. The head
+        runs only where there is a target (DPO's and GRPO's responses), so the [B, T, vocab] logits
+        of every position, prompts and padding included, are never made."""
+        h = self.hidden(idx)
+        scored = targets != -1
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=idx.device)
+        out[scored] = -F.cross_entropy(self.logits(h[scored]), targets[scored], reduction="none")
+        return out
+
     def logits(self, h):
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight).float()
@@ -399,7 +417,8 @@ def generate(model, prompts, max_new_tokens, sampling=GREEDY, *, eos_id=None, st
     ends after it makes eos_id (kept in its list), after max_new_tokens, or when stop(new_ids)
     is true (called with the row's new ids after each token that did not already end it:
     eval.py checks its stop strings there). Tokens are chosen as `sampling` says (next_tokens),
-    drawing from `generator`.
+    drawing from `generator`: one for all rows, or a list of one per prompt, and then a prompt's
+    completion does not depend on which other prompts share its batch (grpo.py's rollouts).
     """
     new = [[] for _ in prompts]
     for row, token in _decode(model, prompts, max_new_tokens, sampling, generator, eos_id, stop):
@@ -434,26 +453,29 @@ def check_prompts(args, prompts, max_new_tokens):
 
 @torch.no_grad()
 def _decode(model, prompts, max_new_tokens, sampling, generator, eos_id, stop):
-    """Yield (row, token) as every unfinished row makes its next token. A row that finishes
-    leaves the batch and its cache at once."""
+    """Yield (row, token) as every unfinished row makes its next token. Finished rows leave the batch
+    once at most half of it is still going: each time, the cache of the rows that remain is copied
+    (KVCache.select), so all the leaving copies about one cache's worth, never one per finished row;
+    until then a finished row costs its share of each step and its tokens are dropped."""
     check_max_new_tokens(max_new_tokens)
     check_prompts(model.args, prompts, max_new_tokens)
     if max_new_tokens == 0:
         return
     cache, h = _prefill(model, prompts, max_new_tokens)
     rows = list(range(len(prompts)))  # the prompt each batch row belongs to
-    new = [[] for _ in prompts]
+    new, done = [[] for _ in prompts], [False] * len(prompts)
     while True:
-        tokens = next_tokens(model.logits(h), sampling, generator).tolist()
-        going = []
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            new[row].append(token)
-            yield row, token
-            if token != eos_id and len(new[row]) < max_new_tokens and not (stop and stop(new[row])):
-                going.append(i)
+        generators = [generator[r] for r in rows] if isinstance(generator, list) else generator
+        tokens = next_tokens(model.logits(h), sampling, generators).tolist()
+        for row, token in zip(rows, tokens):
+            if not done[row]:
+                new[row].append(token)
+                yield row, token
+                done[row] = token == eos_id or len(new[row]) == max_new_tokens or bool(stop and stop(new[row]))
+        going = [i for i, row in enumerate(rows) if not done[row]]
         if not going:
             return
-        if len(going) < len(rows):
+        if len(going) <= len(rows) // 2:
             cache = cache.select(going)
             rows, tokens = [rows[i] for i in going], [tokens[i] for i in going]
         h = model.hidden(torch.tensor(tokens, device=h.device)[:, None], cache)[:, -1]
@@ -493,7 +515,8 @@ def _prefill(model, prompts, max_new_tokens):
 
 
 def next_tokens(logits, sampling, generator=None):
-    """One token id per row of logits [B, vocab], chosen as sampling (a Sampling) says."""
+    """One token id per row of logits [B, vocab], chosen as sampling (a Sampling) says, drawing from
+    generator: one torch.Generator for all rows, or a list of one per row."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     logits = logits / sampling.temperature
@@ -507,4 +530,6 @@ def next_tokens(logits, sampling, generator=None):
         drop = probs.cumsum(-1) - probs >= sampling.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
+    if isinstance(generator, list):  # one per row: a row's draws do not depend on the other rows
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -38,7 +38,7 @@ from torch._guards import active_fake_mode
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -190,6 +190,9 @@ def _shard(model, mesh, precision):
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=precision)
     fully_shard(model, mesh=mesh, mp_policy=precision)
+    # FSDP gathers the root's weights (embedding, final norm, head) around forward() alone; this
+    # method uses them too
+    register_fsdp_forward_method(model, 'token_logprobs')
 
 
 def autocast_context(device):
@@ -244,9 +247,9 @@ def lm_loss(model, batch):
 
 
 def token_logprobs(model, x, y):
-    """log p(y_t | x_<=t) at every position [B, T], 0 where y = -1 (DPO and GRPO score responses with it)."""
-    logits, _ = model(x)
-    return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none').view_as(y)
+    """log p(y_t | x_<=t) at every position [B, T], 0 where y = -1 (DPO and GRPO score responses with
+    it): Transformer.token_logprobs, which computes the head at the scored positions alone."""
+    return model.token_logprobs(x, y)
 
 
 def clip_grad_norm(model, max_norm):
@@ -501,13 +504,15 @@ class Run:
                  f"step {self.step}: loss {stats['loss']:.4f}{extra} | lr {lr:.2e} | grad norm "
                  f"{stats['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%")
 
-    def stop_if_signalled(self):
+    def stop_if_signalled(self, rewind=None):
         """If any rank has received SIGINT/SIGTERM: save the run as it stands after its last finished
         step and exit 128 + the signal. end_step calls it; a stage with long steps calls it within a
-        step as well (grpo.py between rollout chunks), having first put its loader back to where that
-        step began. A collective: every rank calls it at the same points."""
+        step as well (grpo.py between rollout chunks), with rewind() putting its loader back to where
+        that step began. A collective: every rank calls it at the same points."""
         signum = self._signalled()
         if signum:
+            if rewind:
+                rewind()
             self.save()
             if self.master:
                 self.pbar.close()

@@ -27,6 +27,8 @@ adv_eps = 1e-6                  # verl's compute_grpo_outcome_advantage epsilon
 ppo_epochs = 1                  # actor.ppo_epochs=1 (16k/24k scripts; verl's default)
 mini_batches = 2                # actor.ppo_mini_batch_size=64 of train_batch_size=128 prompts: 2 updates per step
 micro_batch_tokens = 32768      # actor.ppo_max_token_len_per_gpu=32768 (use_dynamic_bsz=True): memory only
+rollout_rows = 64               # [dry run] completions generated at once per GPU: at 16k/24k on 8 H100s all 256 of a
+                                # rank's completions would need 144 GiB of KV cache; 64 fit (36 GiB) beside the rest
 lr = 1e-6                       # actor.optim.lr=1e-6
 warmup_steps = 0                # verl's default lr_warmup_steps_ratio=0: constant
 min_lr_ratio = 1.0              # constant (verl's default warmup style 'constant')

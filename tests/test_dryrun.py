@@ -336,12 +336,17 @@ def test_grpo_step_time_is_the_hand_count(capsys):
     step = decode + prefill + 2 * tokens * per_token(23) / 3 / flops_per_s + tokens * per_token(23) / flops_per_s
     assert f"time/step: {dryrun._number(step)} s" in out
     assert f"whole run: 10 steps: {dryrun._number(10 * step / 3600)} hours on 2 GPUs" in out
+    # generated 3 rows at a time: 3 decode calls (3 + 3 + 2 rows, each timed as 3), the rest unchanged
+    print(dryrun._grpo_arithmetic(args, config, dryrun.RLSetup(2, 64, False, 3)))
+    chunked = step - decode + 3 * dryrun.decode_seconds(args, 3, 8, 16, 3.35e12, flops_per_s)
+    assert f"time/step: {dryrun._number(chunked)} s" in capsys.readouterr().out
 
 
 def test_a_grpo_run_that_does_not_fit_names_what_would(built, capsys):
     # 512 prompts x 8 samples on 2 GPUs: 2,048 completions a rank, whose KV cache is what does not fit
     config = tiny_stage('grpo', '--block_size=24', '--max_new_tokens=16', '--prompts_per_step=512', '--group_size=8',
-                        '--micro_batch_tokens=64', '--activation_checkpointing=True', '--kl_coef=0')
+                        '--micro_batch_tokens=64', '--activation_checkpointing=True', '--kl_coef=0',
+                        '--rollout_rows=2048')  # all of them at once
     args = model_args('tiny')
     dryrun.grpo_dry_run(args, config)
     held, kv_row = built['memory'][0], dryrun.kv_cache_bytes(args, 1, 24)

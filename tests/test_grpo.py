@@ -18,7 +18,7 @@ import chats  # noqa: E402
 import grpo  # noqa: E402  (importing it runs nothing: the run is under __main__)
 import trainer  # noqa: E402
 from tasks.math_grader import math_reward  # noqa: E402
-from model import Transformer, generate, model_args  # noqa: E402
+from model import Sampling, Transformer, generate, model_args  # noqa: E402
 from tokenizer import Tokenizer, encode_chat  # noqa: E402
 from training_runs import ENV, ROOT, assert_one_line_errors, start, tree_digest, wait_for, write_jsonl  # noqa: E402
 from weights import load_model, save_checkpoint  # noqa: E402
@@ -236,17 +236,38 @@ def test_padded_and_finished_rows_carry_no_loss():
     assert all(torch.allclose(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
-def test_sampling_is_reproducible_and_does_not_depend_on_the_ranks():
+def test_sampling_is_reproducible_and_does_not_depend_on_the_ranks_or_the_chunks():
+    """Completion j of the prompt in slot s draws from its own generator (seed, step, s, j): the same
+    completions whether the step's rows are generated all at once, a few at a time, one group per
+    call, or split over ranks."""
     model = tiny_model()
     prompts = [[1, 5, 9], [1, 7], [3, 3, 3, 3], [8]]
-    # 3 completions of at most 6 tokens each, at temperature 1, top_p 1, no EOS
-    sample = lambda step, slots: grpo.rollout(model, [prompts[s] for s in slots],
-                                              [grpo.generator_for(11, step, s, 'cpu') for s in slots], 3, 6, 1.0, 1.0, None)
+
+    def sample(step, slots, chunk_rows=12):  # 3 completions of at most 6 tokens each, at temperature 1, no EOS
+        generators = [grpo.group_generators(11, step, s, 3, 'cpu') for s in slots]
+        return grpo.rollout(model, [prompts[s] for s in slots], generators, 6, Sampling(1.0), None, chunk_rows)
     whole = sample(4, [0, 1, 2, 3])
+    assert all(len(c) == 6 for group in whole for c in group)
     assert whole == sample(4, [0, 1, 2, 3])
+    assert all(sample(4, [0, 1, 2, 3], chunk_rows=n) == whole for n in (1, 2, 3, 5, 64))
+    assert [sample(4, [s])[0] for s in range(4)] == whole  # one group per call
     assert sample(4, [0, 2]) + sample(4, [1, 3]) == [whole[0], whole[2], whole[1], whole[3]]  # as 2 ranks split them
     assert sample(5, [0, 1, 2, 3]) != whole
     assert len(set(map(tuple, whole[0]))) > 1  # the samples of one group differ
+
+
+def test_rows_that_finish_early_leave_the_others_unchanged(sums_model, mistral):
+    """Rows stopping at EOS at different steps (finished rows stay in the batch until at most half
+    are left, then leave it) make the tokens each row makes alone."""
+    model = load_model(str(sums_model))[0]
+    prompts = [encode_chat(mistral, chats.math_prompt(p), add_generation_prompt=True)[0] for p, _ in SUMS[:6]]
+    generators = lambda rows: [grpo.group_generators(3, 0, r, 2, 'cpu') for r in rows]
+    sample = lambda rows: grpo.rollout(model, [prompts[r] for r in rows], generators(rows), 12, Sampling(1.0),
+                                       mistral.eos_id, chunk_rows=12)
+    together = sample(range(6))
+    lengths = [len(c) for group in together for c in group]
+    assert len(set(lengths)) > 2 and lengths.count(12) < len(lengths), lengths  # ended at different steps
+    assert together == [sample([r])[0] for r in range(6)]
 
 
 def test_a_learnable_reward_rises():
@@ -258,8 +279,8 @@ def test_a_learnable_reward_rises():
     prompts, mean_rewards = [[1, 5, 9], [1, 7], [3, 3, 3, 3], [8]], []
     for step in range(10):
         # 8 completions of one token each, at temperature 1
-        groups = grpo.rollout(model, prompts, [grpo.generator_for(0, step, p, 'cpu') for p in range(4)], 8, 1, 1.0, 1.0,
-                              None)
+        groups = grpo.rollout(model, prompts, [grpo.group_generators(0, step, p, 8, 'cpu') for p in range(4)], 1,
+                              Sampling(1.0), None, chunk_rows=32)
         rewards = torch.tensor([[float(c[0] % 2 == 0) for c in group] for group in groups])
         minis = grpo.mini_batches_of(prompts, range(4), groups, grpo.group_advantages(rewards), 0, prompts_per_step=4,
                                      mini_batches=1, micro_batch_tokens=4096)
@@ -274,7 +295,8 @@ def test_heldout_accuracy_greedy_and_sampled(sums_model, mistral):
     problems = [(encode_chat(mistral, chats.math_prompt(p), add_generation_prompt=True)[0], a) for p, a in SUMS]
     one_by_one = [math_reward(mistral.decode(generate(model, [p], 8, eos_id=mistral.eos_id)[0]), a) for p, a in problems]
     # seed 3, 8 new tokens, 3 samples each at temperature / top_p
-    accuracy = lambda samples, temperature: grpo.heldout_accuracy(model, problems, mistral, 3, 8, samples, temperature, 1.0)
+    accuracy = lambda samples, temperature: grpo.heldout_accuracy(model, problems, mistral, 3, 8, samples,
+                                                                  Sampling(temperature), chunk_rows=20)
     greedy, sampled = accuracy(3, 1.0)
     assert greedy == sum(one_by_one) / 16 and 0 < greedy < 1
     assert (sampled * 48) % 1 == 0 and accuracy(3, 1.0) == (greedy, sampled)
@@ -390,7 +412,7 @@ def test_rollout_model_follows_the_policy():
     policy = tiny_model()
     rollout_model = grpo.build_rollout_model(policy.args, torch.device('cpu'))
     # 2 greedy completions of 5 tokens: a random model's near-uniform sampling would hide changes
-    sample = lambda model: grpo.rollout(model, [[1, 5, 9]], [grpo.generator_for(0, 0, 0, 'cpu')], 2, 5, 0.0, 1.0, None)
+    sample = lambda model: grpo.rollout(model, [[1, 5, 9]], [[None, None]], 5, Sampling(0.0), None, chunk_rows=2)
     samples = []
     for _ in range(2):
         grpo.sync_rollout_model(policy, rollout_model)
