@@ -13,6 +13,8 @@ Settings are the globals below (--key=value, or a config file, as for every scri
              long, SmolLM2-135M's shape (random weights) with a short and a 512-token prompt, the
              tiny model, where a step is all framework overhead, and 8 prompts of different lengths
              in one batch (HF: left-padded) on SmolLM2-135M's shape
+    rollout  tokens/s of GRPO's rollouts (grpo.rollout: 8 prompts x 8 samples x 64 tokens in one batch) vs
+             transformers' sampling generate with num_return_sequences=8, on SmolLM2-135M's shape
     kvcache  bytes of the rolling-buffer cache vs a full cache: moxin-7b at 32k tokens (computed
              from the cache's own shapes on the meta device) and a small model (allocated and run)
     eval     items/s of eval.py vs lm-evaluation-harness (HFLM, batch 16) on the same model and
@@ -47,13 +49,14 @@ import time
 
 import torch
 
+import grpo
 from configurator import configure, settings
-from model import KVCache, Transformer, generate, model_args
+from model import KVCache, Sampling, Transformer, generate, model_args
 from trainer import datasheet_peak, flops_per_token
 from weights import export_hf
 
 # ----------------------------------------------------------------------------- settings
-only = "train,decode,kvcache,eval,data"  # comma-separated sections (see above)
+only = "train,decode,rollout,kvcache,eval,data"  # comma-separated sections (see above)
 device = "cpu"  # or cuda
 out = ""  # also write the rows and the machine to this JSON file
 config_keys = settings(globals())
@@ -266,6 +269,36 @@ def decode_rows(model, hf, lengths, new, rounds, what, device, sync):
             note="CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS growth during the call"),
         row("decode", f"KV cache at the end, {what}", ours_cache, ref_cache, unit="bytes"),
     ]
+
+
+def bench_rollout(device, sync):
+    """GRPO's rollouts: 8 prompts of different lengths x 8 sampled completions x 64 new tokens on
+    SmolLM2-135M's shape, through grpo.rollout (all 64 rows in one batch), against HF's sampling
+    generate with num_return_sequences=8 on the left-padded prompts. Sampled: the tokens differ."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(model_args("smollm2-135m", max_seq_len=4096), device).to(dtype).eval()
+    hf = hf_twin(model, device).to(dtype).eval()
+    hf.generation_config.eos_token_id = None  # every completion all 64 tokens, as ours with eos_id=None
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for n in range(40, 120, 10)]
+    width, new, n = max(map(len, prompts)), 64, 8
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    pad_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+
+    def ours():
+        generators = [grpo.group_generators(0, 0, slot, n, device) for slot in range(len(prompts))]
+        grpo.rollout(model, prompts, generators, new, Sampling(1.0), None, chunk_rows=len(prompts) * n)
+
+    def ref():
+        hf.generate(ids, attention_mask=pad_mask, max_new_tokens=new, do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0, num_return_sequences=n, pad_token_id=0)
+
+    ours(), ref()
+    times = race({"ours": ours, "ref": ref}, 3, sync)
+    tokens = len(prompts) * n * new
+    return [row("rollout", f"tokens/s, smollm2-135m, {len(prompts)} prompts (40-110) x {n} samples + {new} tokens",
+                tokens / statistics.median(times["ours"]), tokens / statistics.median(times["ref"]),
+                speedup(times["ours"], times["ref"]), note="sampled at temperature 1: the tokens differ")]
 
 
 # ----------------------------------------------------------------------------- kvcache
@@ -575,10 +608,12 @@ def bench_data(device, sync):
 
 # ----------------------------------------------------------------------------- report
 
-SECTIONS = {"train": bench_train, "decode": bench_decode, "kvcache": bench_kvcache, "eval": bench_eval, "data": bench_data}
+SECTIONS = {"train": bench_train, "decode": bench_decode, "rollout": bench_rollout, "kvcache": bench_kvcache,
+            "eval": bench_eval, "data": bench_data}
 REFERENCES = {
     "train": "transformers {transformers} MistralForCausalLM, attn_implementation='sdpa', same weights",
     "decode": "transformers {transformers} generate(do_sample=False), its DynamicCache (sliding-window layers)",
+    "rollout": "transformers {transformers} generate(do_sample=True, num_return_sequences=8), left-padded prompts",
     "kvcache": "a full cache holding every position",
     "eval": "lm-evaluation-harness {lm_eval} HFLM on the same weights, tokenizer and questions",
     "data": "tokenize: transformers' fast tokenizer of the same model; dedup: datasketch {datasketch}",

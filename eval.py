@@ -10,6 +10,7 @@ agree with it item by item:
     python eval.py --ckpt path/to/hf_model --tasks mmlu --num_fewshot 5 --out mmlu.json
     python eval.py --ckpt path/to/hf_model --tasks gsm8k --out gsm8k.json --log_samples
     python eval.py --ckpt path/to/reasoning_model --tasks math500 --chat --samples 16 --temperature 0.6
+    torchrun --nproc_per_node=8 eval.py --ckpt path/to/reasoning_model --tasks math500 --chat --samples 16 --temperature 0.6
 
 Settings are the globals below, set by a config file and --key=value (or --key value, or a
 bare --flag) as for every script (configurator.py). Data comes from the Hugging Face hub (the
@@ -26,23 +27,31 @@ work through the KV cache (see its docstring; a test holds the two equal).
 Generation: the prompt is encoded as the harness's HF backend encodes it, the model
 writes until EOS, a stop string or the generation limit, and the text is cut before the
 first stop string; each task's grader turns the text into an answer and a verdict.
+Completion j of problem i draws from its own generator, seeded by (seed, i, j) alone, so neither
+the batches nor the ranks change a completion. Under torchrun every rank loads the whole model
+and scores every world_size-th question (my_share); the shares are merged in dataset order, and
+rank 0 prints and writes the one result, the single process's.
 """
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
 from os.path import commonprefix
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure, settings
 from model import KVCache, Sampling, apply_rope, attend, rope_cos_sin, window_mask, generate
 from tokenizer import Tokenizer, encode_chat
+from trainer import setup_distributed
 from weights import load_model
 
 # ----------------------------------------------------------------------------- settings
@@ -254,22 +263,29 @@ def decode_completion(tokenizer, ids, until):
     return text, "eos" if ids and ids[-1] == tokenizer.eos_id else "max_gen_toks"
 
 
+def sample_generator(seed, problem, sample, device):
+    """The random generator of one completion: a function of (seed, the problem's place in the task,
+    the sample's number) alone, so the completions do not depend on the batches or the ranks."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, problem, sample]).generate_state(1)[0]))
+
+
 def complete(model, tokenizer, prompts, until, gen, batch_size, progress):
-    """gen.samples completions of each prompt (token ids) -> per prompt [(text, stopped_by)],
-    at most gen.max_gen_toks tokens each. A row stops at EOS or as soon as its text holds a stop string."""
+    """gen.samples completions of each prompt -> per prompt [(text, stopped_by)], at most
+    gen.max_gen_toks tokens each; prompts: {the problem's place in the task: token ids}. A row
+    stops at EOS or as soon as its text holds a stop string."""
     stop = (lambda ids: any(s in tokenizer.decode(ids) for s in until)) if until else None
     sampling = Sampling(gen.temperature, top_p=gen.top_p)
-    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(gen.seed)
+    device = model.tok_embeddings.weight.device
     # longest first, so a batch holds prompts of similar lengths; a prompt's samples side by
     # side, so that generate prefills it once
-    rows = [i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(gen.samples)]
-    out = [[] for _ in prompts]
+    rows = [(p, j) for p in sorted(prompts, key=lambda p: -len(prompts[p])) for j in range(gen.samples)]
+    out = {p: [] for p in prompts}
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        new = generate(model, [prompts[i] for i in batch], gen.max_gen_toks, sampling, eos_id=tokenizer.eos_id,
-                       stop=stop, generator=generator)
-        for i, ids in zip(batch, new):
-            out[i].append(decode_completion(tokenizer, ids, until))
+        new = generate(model, [prompts[p] for p, _ in batch], gen.max_gen_toks, sampling, eos_id=tokenizer.eos_id,
+                       stop=stop, generator=[sample_generator(gen.seed, p, j, device) for p, j in batch])
+        for (p, _), ids in zip(batch, new):
+            out[p].append(decode_completion(tokenizer, ids, until))
         progress.update(len(batch))
     return out
 
@@ -283,28 +299,32 @@ def generation_limit(task, gen, max_len):
 
 
 def evaluate_generative(model, tokenizer, task, subtasks, batch_size, gen, progress):
-    """Per problem its prompt, completions and verdicts, and the task's metrics: each metric is
-    the mean over problems of its mean over the problem's samples."""
+    """Per problem of this rank's share (every world_size-th) its prompt, completions and verdicts."""
     max_len = model.args.max_seq_len
     gen = replace(gen, max_gen_toks=generation_limit(task, gen, max_len))
     docs = [doc for _, subtask_docs in subtasks for doc in subtask_docs]
-    texts = [fewshot_prefix(task, row, shots) + problem.prompt for row, problem, shots in docs]
-    prompts = [encode_prompt(tokenizer, text, gen.chat, max_len - gen.max_gen_toks) for text in texts]
+    texts = {p: fewshot_prefix(task, docs[p][0], docs[p][2]) + docs[p][1].prompt for p in my_share(len(docs))}
+    prompts = {p: encode_prompt(tokenizer, text, gen.chat, max_len - gen.max_gen_toks) for p, text in texts.items()}
+    outs = complete(model, tokenizer, prompts, task.until, gen, batch_size, progress)
     items = []
-    for text, (_, problem, _), outs in zip(texts, docs, complete(model, tokenizer, prompts, task.until, gen,
-                                                                   batch_size, progress)):
-        completions = []
-        for out, stopped_by in outs:
+    for p, text in texts.items():
+        problem, completions = docs[p][1], []
+        for out, stopped_by in outs[p]:
             extracted, scores = task.grade(problem, out)
             completions.append({"text": out, "stopped_by": stopped_by, "extracted": extracted, "scores": scores})
         scores = {m: mean([c["scores"][m] for c in completions]) for m in completions[0]["scores"]}
         items.append({"prompt": text, "gold": problem.answer, "scores": scores, "completions": completions})
+    return items
+
+
+def generative_metrics(items):
+    """Each metric: the mean over problems of its mean over the problem's samples."""
     result = {}
     for metric in items[0]["scores"]:
         values = [item["scores"][metric] for item in items]
         result.update({metric: mean(values), metric + "_stderr": mean_stderr(values)})
     result["n"] = len(items)
-    return items, result
+    return result
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -363,14 +383,17 @@ def evaluate(model, tokenizer, task_name, num_fewshot=None, data_dir="", limit=N
         generation_limit(task, gen, model.args.max_seq_len)
     subtasks = load_units(task, k, data_dir or None, limit)  # (name, docs): the task, or each MMLU subject
     n = sum(len(docs) for _, docs in subtasks)
+    mine = sum(len(my_share(len(docs))) for _, docs in subtasks) if not task.grade else len(my_share(n))
     # disable=None: the bar shows on a terminal only
-    bar = tqdm(total=n * (gen.samples if task.grade else 1), desc=f"{task_name} {k}-shot", disable=None,
+    bar = tqdm(total=mine * (gen.samples if task.grade else 1), desc=f"{task_name} {k}-shot", disable=None,
                unit="completion" if task.grade else "q")
     start = time.time()
     if task.grade:
-        items, result = evaluate_generative(model, tokenizer, task, subtasks, batch_size, gen, bar)
+        items = gather_shares(evaluate_generative(model, tokenizer, task, subtasks, batch_size, gen, bar))
+        result = generative_metrics(items)
     else:
-        items, result = evaluate_choices(model, tokenizer, task, subtasks, batch_size, bar)
+        subtask_items = [gather_shares(s) for s in evaluate_choices(model, tokenizer, task, subtasks, batch_size, bar)]
+        items, result = [item for s in subtask_items for item in s], choice_metrics(task, subtask_items)
     bar.close()
     seconds = time.time() - start
     result.update(num_fewshot=k, seconds=round(seconds, 2), items_per_s=round(n / seconds, 3))
@@ -378,24 +401,49 @@ def evaluate(model, tokenizer, task_name, num_fewshot=None, data_dir="", limit=N
 
 
 def evaluate_choices(model, tokenizer, task, subtasks, batch_size, progress):
+    """Per subtask, per question of this rank's share (every world_size-th) its subtask, gold,
+    log-likelihoods and answers."""
     max_len = model.args.max_seq_len
-    items, subtask_metrics = [], {}
+    items = []
     for subtask, docs in subtasks:
+        mine = [docs[i] for i in my_share(len(docs))]
         questions = [[encode_pair(tokenizer, c, cont, max_len) for c, cont in prompt_pairs(task, row, item, shots)]
-                     for row, item, shots in docs]
+                     for row, item, shots in mine]
         subtask_items = []
-        for (_, item, _), lls in zip(docs, score_cached(model, questions, batch_size, progress)):
+        for (_, item, _), lls in zip(mine, score_cached(model, questions, batch_size, progress)):
             norm = [ll / len(choice) for ll, choice in zip(lls, item.choices)]
             subtask_items.append({"subtask": subtask, "gold": item.gold, "lls": lls,
                                   "pred": argmax(lls), "pred_norm": argmax(norm)})
-        subtask_metrics[subtask] = metrics(task, subtask_items)
-        items += subtask_items
-    result = metrics(task, items)
-    if task.name == "mmlu":  # the micro-average over all questions, and each subject
-        result["acc_stderr"] = pooled_stderr([m["acc_stderr"] for m in subtask_metrics.values()],
-                                             [m["n"] for m in subtask_metrics.values()])
-        result["subjects"] = subtask_metrics
-    return items, result
+        items.append(subtask_items)
+    return items
+
+
+def choice_metrics(task, subtask_items):
+    """acc (and acc_norm) over every question; MMLU: the micro-average, and each subject's."""
+    result = metrics(task, [item for items in subtask_items for item in items])
+    if task.name == "mmlu":
+        subjects = {items[0]["subtask"]: metrics(task, items) for items in subtask_items}
+        result["acc_stderr"] = pooled_stderr([m["acc_stderr"] for m in subjects.values()],
+                                             [m["n"] for m in subjects.values()])
+        result["subjects"] = subjects
+    return result
+
+
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+
+def my_share(n):
+    """The places of n items this rank scores: every world_size-th from its rank (all, in one process)."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return range(rank, n, world_size)
+
+
+def gather_shares(items):
+    """Every rank's my_share of one list of items, merged back into the list's order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, items)
+    return [shares[k % len(shares)][k // len(shares)] for k in range(sum(map(len, shares)))]
 
 
 def table(results):
@@ -457,6 +505,10 @@ def main(argv=None):
     config = {k: globals()[k] for k in config_keys}  # a copy: main may run more than once in a process (tests)
     configure(config, config_keys, argv)
     c = SimpleNamespace(**config)
+    rank = 0
+    if "RANK" in os.environ:  # under torchrun each rank scores a share of every task (my_share), on its own GPU
+        rank, _, rank_device = setup_distributed()
+        c.device = str(rank_device) if rank_device.type == "cuda" else c.device
     try:
         if not c.ckpt:
             raise EvalError("give --ckpt: a .pt checkpoint of this project or an HF model directory")
@@ -472,10 +524,15 @@ def main(argv=None):
         model, tokenizer_spec = load_model(c.ckpt, device=c.device, dtype=getattr(torch, dtype))
         results, items = run_tasks(model, Tokenizer.load(tokenizer_spec), runs, c.data_dir, c.limit, c.batch_size, gen)
     except ValueError as e:  # EvalError, TaskError, ModelLoadError and the tokenizer's errors
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(table(results))
-    if c.out:
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(table(results))
+    if c.out and rank == 0:
         with open(c.out, "w") as f:
             json.dump({"ckpt": c.ckpt, "results": results, **({"samples": items} if c.log_samples else {})},
                       f, indent=2)

@@ -260,13 +260,12 @@ def micro_batches(completions, max_tokens, pad_id):
 def mini_batches_of(prompts, slots, groups, advantages, pad_id, prompts_per_step, mini_batches, micro_batch_tokens):
     """The step's completions as mini_batches lists of micro-batches. Mini-batch m holds the prompts in
     slots [m P/M, (m+1) P/M) of the step, on every rank, so it is the same set of completions
-    whatever the world size."""
+    whatever the world size. Each group is packed into micro-batches of its own: a group lives on one
+    rank, so the micro-batches, their padding and every number logged are the same on any number."""
     per_mini = prompts_per_step // mini_batches
-    out = []
-    for m in range(mini_batches):
-        mine = [(p, c, a) for p, slot, group, adv in zip(prompts, slots, groups, advantages.tolist())
-                if slot // per_mini == m for c, a in zip(group, adv)]
-        out.append(micro_batches(mine, micro_batch_tokens, pad_id))
+    out = [[] for _ in range(mini_batches)]
+    for p, slot, group, adv in zip(prompts, slots, groups, advantages.tolist()):
+        out[slot // per_mini] += micro_batches([(p, c, a) for c, a in zip(group, adv)], micro_batch_tokens, pad_id)
     return out
 
 

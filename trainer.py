@@ -516,7 +516,8 @@ class Run:
             self.save()
             if self.master:
                 self.pbar.close()
-                print(f"stopped by signal {signum} at step {self.step}; checkpoint saved, "
+                dropped = ' (the step in progress is dropped)' if rewind else ''
+                print(f"stopped by signal {signum} at step {self.step}{dropped}; checkpoint saved, "
                       f"run the same command again to resume")
             sys.exit(128 + signum)
 

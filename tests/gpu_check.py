@@ -53,6 +53,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grpo  # noqa: E402
+from bench import race  # noqa: E402  (ours and the reference timed back to back, alternating)
 from configurator import settings  # noqa: E402
 from dryrun import Setup, simulate  # noqa: E402
 from model import KVCache, Sampling, Transformer, attend, generate, model_args, window_mask  # noqa: E402
@@ -199,20 +201,6 @@ def one_rank_group(device):
         yield backend
     finally:
         dist.destroy_process_group()
-
-
-def race(contenders, rounds, sync):
-    """Seconds of each callable per round, the order reversed every other round -> {name: [s]}."""
-    times = {name: [] for name in contenders}
-    order = list(contenders.items())
-    for r in range(rounds):
-        for name, fn in order if r % 2 == 0 else order[::-1]:
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def attempt(report, key, check):
@@ -534,17 +522,17 @@ def decode_vs_hf(model, hf, rows, prompt_len, new, rounds):
 
 
 def rollout_vs_hf(model, hf, shape, rounds):
-    """Sampled tokens/s of a GRPO rollout, as grpo.rollout makes it (one generate call per prompt for its
-    group_size rows, the prompt prefilled once), vs HF generate with num_return_sequences=group_size
-    over all prompts at once (how TRL's GRPO trainer generates without vLLM)."""
+    """Sampled tokens/s of a GRPO rollout, as grpo.rollout makes it (all prompts x group_size rows in
+    one generate call, each prompt prefilled once, each row drawing from its own generator), vs HF
+    generate with num_return_sequences=group_size over all prompts at once (how TRL's GRPO trainer
+    generates without vLLM)."""
     n_prompts, group, prompt_len, new, temperature = shape
     device = model.tok_embeddings.weight.device
     ids = random_ids(n_prompts, prompt_len, model.args.vocab_size).to(device)
-    g = torch.Generator(device).manual_seed(0)
 
     def ours():
-        for prompt in ids.tolist():
-            generate(model, [prompt] * group, new, Sampling(temperature=temperature), generator=g)
+        generators = [grpo.group_generators(0, 0, slot, group, device) for slot in range(n_prompts)]
+        grpo.rollout(model, ids.tolist(), generators, new, Sampling(temperature=temperature), None, n_prompts * group)
 
     def ref():
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """bench.py's kvcache rows: the rolling buffer holds exactly W/L of a full cache (computed for
 moxin-7b at 32k tokens, allocated for a small model) and gives the same hidden state; its
-settings go through the configurator; and it imports no stage script."""
+settings go through the configurator; and it imports no eval.py."""
 import sys
 from pathlib import Path
 
@@ -33,11 +33,12 @@ def test_bad_settings_are_one_line(capsys):
         assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
-def test_bench_imports_no_stage_script():
-    """bench.py measures eval.py through its command line: importing bench loads no eval.py."""
+def test_bench_measures_eval_through_its_command_line():
+    """bench.py runs eval.py as a user does, a command writing --out JSON: importing bench loads no eval.py
+    (it imports grpo.py, whose rollouts it measures)."""
     import subprocess
 
-    code = "import sys, bench; print(sorted({'eval', 'grpo', 'pretrain', 'sft', 'dpo'} & set(sys.modules)))"
+    code = "import sys, bench; print(sorted({'eval', 'pretrain', 'sft', 'dpo'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.stdout.strip() == "[]", done.stderr

@@ -3,6 +3,7 @@ same random-weight HF Mistral and the same small task files), prompts equal hand
 strings, the KV-cache sharing equals plain forward passes, and bad input fails in one line."""
 import importlib.resources
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -441,3 +442,35 @@ def test_sampling_averages_over_samples(gsm8k_dir, one_thread):
         for metric, score in item["scores"].items():
             assert score == sum(c["scores"][metric] for c in item["completions"]) / 3
     assert first["items"] == again["items"]  # the seed fixes the samples
+
+
+def test_torchrun_ranks_each_score_a_share_and_merge_to_the_one_process_result(hf_dir, gsm8k_dir, tmp_path):
+    """Under torchrun each rank scores every world_size-th question (MMLU: of each subject) and the
+    merged result is the one process's: every metric and every logged item, sampled completions
+    included (each completion draws from its own generator: seed, problem, sample), log-likelihoods
+    to float precision (a rank's questions share their common prefix in other groupings)."""
+    runs = [(hf_dir, ["--tasks", "piqa,mmlu", "--num_fewshot", "1", "--limit", "3"]),
+            (gsm8k_dir, ["--tasks", "gsm8k", "--limit", "3", "--max_gen_toks", "12", "--samples", "2",
+                         "--temperature", "1.0"])]
+    for model_dir, args in runs:
+        written = []
+        for launcher in ([sys.executable, "eval.py"],
+                         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py"]):
+            out = tmp_path / f"{len(written)}.json"
+            done = subprocess.run([*launcher, "--ckpt", str(model_dir), *args, "--data_dir", str(DATA), "--out", str(out),
+                                   "--log_samples"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, done.stderr[-2000:]
+            written.append(json.loads(out.read_text()))
+        for result in (w["results"] for w in written):
+            for metrics in result.values():
+                metrics.pop("seconds"), metrics.pop("items_per_s")
+        assert written[0]["results"] == written[1]["results"]
+        assert all(m["n"] == 3 or name == "mmlu" for name, m in written[0]["results"].items())
+        for task, items in written[0]["samples"].items():
+            merged = written[1]["samples"][task]
+            assert len(items) == len(merged)
+            for one, two in zip(items, merged):  # log-likelihoods to float precision: a rank shares its prefixes
+                if "lls" in one:
+                    assert one.pop("lls") == pytest.approx(two.pop("lls"), rel=1e-5)
+                assert one == two

@@ -4,7 +4,9 @@ answer small sums as \\boxed{N} with Mistral's real 32k tokenizer."""
 import copy
 import json
 import math
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +366,28 @@ def test_kill_then_resume_continues_with_the_same_rollouts(reference, sums_model
     steps = records(tmp_path)[0]
     assert sorted(steps) == sorted(expected)
     for step, record in steps.items():  # the same rollouts and updates, bit for bit (all but the timings)
+        assert {k: record[k] for k in LOGGED} == {k: expected[step][k] for k in LOGGED}, step
+
+
+def test_a_stop_signal_during_the_rollouts_saves_the_last_finished_step(reference, sums_model, problems, tmp_path):
+    """SIGTERM is acted on between rollout chunks (here 16 generate() calls a step, most of its time),
+    or at the end of a step: either way the run saves the last finished step, and resuming repeats
+    the dropped step with the same rollouts: every logged number as in an uninterrupted run."""
+    _, _, (expected, _) = reference
+    args = [f'--init_from={sums_model}', f'--dataset={problems}', f'--eval_dataset={problems}', *ARGS,
+            '--rollout_rows=1']  # the same completions as the reference's, which generates 16 at once
+    p = run(args, tmp_path, wait=False)
+    wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(records(tmp_path)[0], default=0) >= 2, p, timeout=240)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    stopped = int(re.search(r'stopped by signal 15 at step (\d+)', out).group(1))
+    assert (tmp_path / 'checkpoints' / f'step_{stopped:08d}' / 'meta.json').exists() and stopped < 6
+    rc, stdout, stderr = run(args, tmp_path)
+    assert rc == 0 and f'step_{stopped:08d}' in stdout, stderr
+    steps = records(tmp_path)[0]
+    assert sorted(steps) == sorted(expected)
+    for step, record in steps.items():
         assert {k: record[k] for k in LOGGED} == {k: expected[step][k] for k in LOGGED}, step
 
 
