@@ -18,6 +18,7 @@ and grpo.py call), stream() yields one prompt's tokens as they come (sample.py);
 the same loop, _decode, choosing tokens as a Sampling (temperature, top_k, top_p) says.
 """
 import copy
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -110,13 +112,33 @@ def window_mask(q_pos, k_pos, window):
     return allowed
 
 
+@functools.lru_cache(maxsize=8)
+def window_blocks(T, window, device):
+    """The sliding-window band of a whole sequence of T tokens (query i reads keys i-W+1 .. i) as
+    FlexAttention's block mask, made once per (T, W, device): the form in which attend computes only
+    the blocks that hold part of the band (torchtitan's sliding-window attention does the same)."""
+    band = lambda b, h, q, k: (k <= q) & (q - k < window)
+    return create_block_mask(band, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled, once, on first use (on CUDA): its fused kernel comes from torch.compile,
+    and eager FlexAttention is a reference loop."""
+    return torch.compile(flex_attention)
+
+
 def attend(q, k, v, mask, causal=False):
     """softmax(q k^T / sqrt(head_dim), masked) v, for q [B, n_heads, Tq, hd] and k, v
     [B, n_kv_heads, Tk, hd]: each group of n_heads // n_kv_heads query heads reads one key/value
     head (grouped-query attention). mask: boolean [B, 1, Tq, Tk], True = may read; or None, and
-    then query i reads keys 0..i if causal (a whole sequence) or every key (a decode step)."""
+    then query i reads keys 0..i if causal (a whole sequence) or every key (a decode step); or a
+    BlockMask (window_blocks), for FlexAttention."""
     B, H, Tq, hd = q.shape
     group = H // k.shape[1]
+    if isinstance(mask, BlockMask):  # the window's band as blocks (window_blocks)
+        flex = compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, enable_gqa=group > 1)
     if Tq == 1 and group > 1:
         # one new token (a decode step): the query heads of a group become the query rows of their
         # key/value head, so the keys and values are read once, never copied per head, and any kernel
@@ -379,12 +401,16 @@ class Transformer(nn.Module):
           - a decode step in which every row has filled as many slots as the others: the
             filled slots are exactly the keys it may read (KVCache.keys_values).
         Otherwise window_mask: the window's band past W tokens, a cache's empty slots, rows of
-        a batch at different positions."""
+        a batch at different positions. On CUDA a whole sequence longer than W (GRPO at 8k-24k,
+        SFT at 8k) gets the band as blocks instead (window_blocks): no [T, T] mask, and the blocks
+        wholly outside the band are never computed."""
         W = self.args.sliding_window
         if cache is None and (W is None or q_pos.shape[1] <= W):
             return None
         if cache is not None and q_pos.shape[1] == 1 and len(set(cache.filled())) == 1:
             return None
+        if cache is None and q_pos.is_cuda:
+            return window_blocks(q_pos.shape[1], W, q_pos.device)
         return window_mask(q_pos, k_pos, W)
 
 

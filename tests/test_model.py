@@ -306,6 +306,30 @@ def test_token_logprobs_at_the_targets_equal_the_full_logits():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+@torch.no_grad()
+def test_the_window_as_blocks_equals_the_written_out_attention():
+    """Past W tokens on CUDA, attention takes the band as FlexAttention's block mask (window_blocks)
+    instead of a [T, T] mask; here run on the CPU (eager FlexAttention) against the written-out
+    attention, with grouped heads and a sequence over several blocks of 128."""
+    torch.manual_seed(0)
+    T, W = 300, 100
+    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    pos = torch.arange(T)[None].expand(2, -1)
+    expected = written_out_attention(q, k, v, M.window_mask(pos, pos, W))
+    assert (M.attend(q, k, v, M.window_blocks(T, W, torch.device("cpu"))) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_a_sequence_past_the_window_on_cuda_equals_the_dense_mask():
+    model = tiny().cuda()
+    x = torch.randint(0, 256, (2, 40), device="cuda")  # window 8: the band as blocks on CUDA
+    assert isinstance(model._mask(torch.arange(40, device="cuda")[None], None, None), M.BlockMask)
+    logits, _ = model(x)
+    dense = M.Transformer.forward(model.cpu(), x.cpu())[0]
+    assert (logits.cpu() - dense).abs().max() < 1e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_masked_attention_runs_a_fused_kernel_on_cuda():
