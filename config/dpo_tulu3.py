@@ -26,7 +26,8 @@ weight_decay = 0.0             # [oi]
 betas = (0.9, 0.999)           # [oi] torch.optim.AdamW's defaults, which open-instruct keeps
 eps = 1e-8                     # [oi] the same
 grad_clip = 1.0                # [assumption] pre-training's clip; [oi] max_grad_norm -1 (no clipping) by default
-compile = False                # [assumption] every batch has its own length: compiled graphs would recompile
+compile = True                 # every batch has its own length, but after the first one Dynamo makes the length
+                               # dynamic: 8 lengths compile 2 graphs (tests/test_dryrun.py), not one per length
 activation_checkpointing = True  # [oi] gradient_checkpointing: true
 ckpt_interval = 500            # [assumption] 271k pairs / 128 = ~2,120 steps ([oi] checkpointing_steps 1000)
 keep_last = 2

@@ -24,7 +24,8 @@ weight_decay = 0.0             # [tulu2] [oi]
 betas = (0.9, 0.999)           # [oi] torch.optim.AdamW's defaults, which finetune.py keeps
 eps = 1e-8                     # [oi] the same
 grad_clip = 1.0                # [assumption] pre-training's clip; [oi] does not clip by default
-compile = False                # [assumption] every batch has its own length: compiled graphs would recompile
+compile = False                # [assumption] at 8k the window's band goes to FlexAttention, whose block mask changes
+                               # with every length: not measured compiled yet (2 graphs for 8 lengths below the window)
 activation_checkpointing = True  # [assumption] 8192 tokens of a 7B model per GPU
 ckpt_interval = 250            # [assumption] 2 epochs x 326k / 128 = ~5,100 steps
 keep_last = 2

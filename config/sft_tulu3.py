@@ -29,7 +29,8 @@ weight_decay = 0.0             # [tulu3] [oi]
 betas = (0.9, 0.999)           # [oi] torch.optim.AdamW's defaults, which finetune.py keeps
 eps = 1e-8                     # [oi] the same
 grad_clip = 1.0                # [assumption] pre-training's clip; [oi] does not clip by default
-compile = False                # [assumption] every batch has its own length: compiled graphs would recompile
+compile = True                 # every batch has its own length, but after the first one Dynamo makes the length
+                               # dynamic: 8 lengths compile 2 graphs (tests/test_dryrun.py), not one per length
 activation_checkpointing = True  # [assumption] 4096 tokens of a 7B model per GPU, with room to spare
 ckpt_interval = 500            # [assumption] 2 epochs x 939k / 128 = ~14,700 steps
 keep_last = 2

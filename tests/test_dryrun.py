@@ -179,6 +179,18 @@ def test_compile_traces_checkpointed_blocks_as_one_graph(eager_compile):
     torch.testing.assert_close(both.layers[0].attention.wq.weight.grad, plain.layers[0].attention.wq.weight.grad)
 
 
+def test_batches_of_many_lengths_compile_two_graphs(eager_compile):
+    """sft.py and dpo.py batches have a length each (conversations are padded to the longest of
+    their micro-batch): after the first length, Dynamo marks the length dynamic and one more graph
+    serves every other length, so compile=True costs two compilations, not one per length."""
+    model = trainer.build_model(model_args('tiny', sliding_window=None), torch.device('cpu'), 0, compile=True,
+                                activation_checkpointing=True)
+    for T in (17, 40, 23, 64, 31, 50, 9, 72):
+        x = torch.randint(0, 256, (2, T))
+        trainer.lm_loss(model, (x, x))[0].backward()
+    assert counters['stats']['unique_graphs'] == 2 and not counters['graph_break']
+
+
 def test_a_graph_break_is_an_error_not_a_silent_eager_block(eager_compile, monkeypatch):
     forward = model_module.Block.forward
 
