@@ -34,6 +34,7 @@ depend on what a model has learnt, and nothing is downloaded.
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -59,6 +60,8 @@ from weights import export_hf
 only = "train,decode,rollout,kvcache,eval,data"  # comma-separated sections (see above)
 device = "cpu"  # or cuda
 out = ""  # also write the rows and the machine to this JSON file
+eval_shapes = "demo,smollm2-135m"  # the eval section's model shapes
+eval_tasks = "piqa,hellaswag,winogrande,mmlu,gsm8k"  # and its tasks
 config_keys = settings(globals())
 
 
@@ -427,16 +430,17 @@ class EvalShape:
 # SmolLM2-135M's shape is a real small model, where the 30 layers and not the output head cost
 # most (the demo model's 32000 x 256 head flatters any saving on the head); it costs ~15x the
 # demo's work per token, so it gets fewer rounds.
-EVAL_SHAPES = [EvalShape("demo", model_args("demo"), (64, 16, 8), 64, 3),
-               EvalShape("smollm2-135m shape", model_args("smollm2-135m", max_seq_len=2048), (64, 16, 8), 32, 2)]
+EVAL_SHAPES = {"demo": EvalShape("demo", model_args("demo"), (64, 16, 8), 64, 3),
+               "smollm2-135m": EvalShape("smollm2-135m shape", model_args("smollm2-135m", max_seq_len=2048),
+                                         (64, 16, 8), 32, 2)}
 EVAL_RUNS = [("piqa", 0), ("hellaswag", 0), ("winogrande", 0), ("mmlu", 5), ("gsm8k", 5)]
 
 
-def bench_eval(device, sync):
-    return [r for shape in EVAL_SHAPES for r in bench_eval_shape(device, sync, shape)]
+def bench_eval(device, sync, shapes=tuple(EVAL_SHAPES), tasks=tuple(task for task, _ in EVAL_RUNS)):
+    return [r for name in shapes for r in bench_eval_shape(device, sync, EVAL_SHAPES[name], tasks)]
 
 
-def bench_eval_shape(device, sync, shape, batch_size=16):
+def bench_eval_shape(device, sync, shape, tasks, batch_size=16):
     """eval.py vs the harness's HFLM on one model shape (random weights, float32 on every device:
     identical answers are part of the claim, and bf16 kernels differ), each task timed in rounds."""
     from lm_eval.models.huggingface import HFLM
@@ -454,7 +458,7 @@ def bench_eval_shape(device, sync, shape, batch_size=16):
                 with open(os.path.join(data_dir, task, f"{split}.jsonl"), "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in split_rows)
         lm = HFLM(pretrained=model_dir, device=str(device), dtype=torch.float32, batch_size=batch_size)
-        for task, shots in EVAL_RUNS:
+        for task, shots in [(task, shots) for task, shots in EVAL_RUNS if task in tasks]:
             command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py"),
                        "--ckpt", model_dir, "--tasks", task, "--num_fewshot", str(shots), "--data_dir", data_dir,
                        "--batch_size", str(batch_size), "--max_gen_toks", str(shape.max_gen_toks),
@@ -687,8 +691,12 @@ def main(argv=None):
     configure(config, config_keys, argv)
     sections = config["only"].split(",")
     unknown = [s for s in sections if s not in SECTIONS]
+    shapes, tasks = config["eval_shapes"].split(","), config["eval_tasks"].split(",")
+    unknown += [f"eval_shapes {s}" for s in shapes if s not in EVAL_SHAPES]
+    unknown += [f"eval_tasks {t}" for t in tasks if t not in dict(EVAL_RUNS)]
     if unknown:
-        fail(f"unknown section(s) {', '.join(unknown)} in --only (known: {', '.join(SECTIONS)})")
+        fail(f"unknown {', '.join(unknown)} (sections: {', '.join(SECTIONS)}; eval_shapes: {', '.join(EVAL_SHAPES)}; "
+             f"eval_tasks: {', '.join(dict(EVAL_RUNS))})")
     if config["device"] not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {config['device']}")
     if config["device"] == "cuda" and not torch.cuda.is_available():
@@ -703,7 +711,8 @@ def main(argv=None):
     try:
         for section in sections:
             start = time.time()
-            rows += SECTIONS[section](device, sync)
+            run = functools.partial(bench_eval, shapes=shapes, tasks=tasks) if section == "eval" else SECTIONS[section]
+            rows += run(device, sync)
             print(f"{section} done in {time.time() - start:.0f}s", file=sys.stderr)
     finally:  # a failing section still shows what the others measured
         print(table(rows))

@@ -23,8 +23,9 @@ def test_kvcache_is_window_over_length():
 
 
 def test_bad_settings_are_one_line(capsys):
-    for argv, message in ((["--only", "train,speed"], "unknown section(s) speed in --only (known: train, decode, "
-                                                      "kvcache, eval, data)"),
+    for argv, message in ((["--only", "train,speed"], "unknown speed (sections: train, decode, rollout, kvcache, "
+                                                      "eval, data;"),
+                          (["--eval_tasks=piqa,mmlu_pro"], "unknown eval_tasks mmlu_pro (sections: "),
                           (["--device=tpu"], "--device must be cpu or cuda, got tpu"),
                           (["--rounds=3"], "unknown config key '--rounds'")):
         with pytest.raises(SystemExit) as exit_info:
