@@ -4,7 +4,7 @@ agree with it item by item:
 
   log-likelihood multiple choice: ARC-Easy/Challenge, HellaSwag, PIQA, Winogrande, MMLU
   generation: GSM8K (the harness's gsm8k task) and MATH-500 (DeepScaleR's prompt, a
-  \\boxed{} answer graded by math_equal, the same function grpo.py rewards with)
+  \\boxed{} answer graded by tasks/math_grader.py, whose math_reward is grpo.py's reward)
 
     python eval.py --ckpt out/final.pt --suite moxin_zeroshot
     python eval.py --ckpt path/to/hf_model --tasks mmlu --num_fewshot 5 --out mmlu.json
@@ -21,7 +21,7 @@ Multiple choice: a question becomes one (context, continuation) pair per choice.
 model's log-likelihood of each continuation given its context picks the answer: acc
 takes the largest, acc_norm divides each by the choice's length in characters first, so
 long answers are not penalised for being long. score_reference computes it plainly, one
-forward pass per pair; score_cached, which evaluate uses, gets the same numbers sharing the
+forward pass per pair; score_cached, which evaluate_choices uses, gets the same numbers sharing the
 work through the KV cache (see its docstring; a test holds the two equal).
 
 Generation: the prompt is encoded as the harness's HF backend encodes it, the model
@@ -55,7 +55,7 @@ from trainer import setup_distributed
 from weights import load_model
 
 # ----------------------------------------------------------------------------- settings
-ckpt = ""  # a .pt checkpoint of this project or an HF model directory (required)
+ckpt = ""  # a .pt checkpoint of this project, an HF model directory or hub id (required)
 tasks = ""  # comma-separated task names, from tasks.TASKS; or instead:
 suite = ""  # one of Moxin's reported suites (tasks.SUITES), each task with its own shots
 num_fewshot = None  # shots for every task of `tasks` (None: each task's own, as the harness: gsm8k 5, the others 0)
@@ -511,7 +511,7 @@ def main(argv=None):
         c.device = str(rank_device) if rank_device.type == "cuda" else c.device
     try:
         if not c.ckpt:
-            raise EvalError("give --ckpt: a .pt checkpoint of this project or an HF model directory")
+            raise EvalError("give --ckpt: a .pt checkpoint of this project, an HF model directory or hub id")
         runs = task_runs(c.tasks, c.suite, c.num_fewshot)
         positive("limit", c.limit, unset_ok=True)
         positive("batch_size", c.batch_size)

@@ -20,9 +20,9 @@ One step, for prompts_per_step math problems (each asked as chats.math_prompt: t
                   averaged over all response tokens of the step; then ppo_epochs x mini_batches
                   optimizer steps on the rollouts (1 x 1: fully on-policy, ratio = 1)
 
-The model build, FSDP2, AdamW, the optimizer step, checkpoints, resume, signals, the NaN guard and
-logging are trainer.py's, shared with pretrain.py, sft.py and dpo.py; this file adds the four parts
-above. Rollouts are sampled from an unsharded copy of the policy (as verl samples with a separate
+The model build, FSDP2, AdamW, the optimizer step (trainer.train_step, shared with sft.py and
+dpo.py), checkpoints, resume, signals, the NaN guard and logging are trainer.py's; this file adds the
+four parts above. Rollouts are sampled from an unsharded copy of the policy (as verl samples with a separate
 vLLM engine), re-synced every step; the sampling seed of each group depends only on (seed, step,
 its slot in the step), so 1 process and torchrun draw the same completions, and a resumed run
 draws the same ones it would have.
@@ -219,7 +219,8 @@ def rollout(model, prompts, generators, max_new_tokens, sampling, eos_id, chunk_
     return groups
 
 
-# ----------------------------------------------------------------------------- 3. advantages
+# ----------------------------------------------------------------------------- 2. reward: tasks.math_grader.math_reward
+# ----------------------------------------------------------------------------- 3. advantages, and the step's micro-batches
 
 def group_advantages(rewards, eps=1e-6):
     """rewards [prompts, group_size] -> advantages, the same shape:
@@ -232,7 +233,8 @@ def group_advantages(rewards, eps=1e-6):
 def collate(completions, pad_id):
     """A micro-batch (x, y, advantage) of (prompt ids, completion ids, advantage) triples: x = (prompt +
     completion)[:-1] right-padded, y = the completion's tokens at the positions that predict them and
-    -1 elsewhere (the prompt, the padding after a row has ended): only response tokens carry loss."""
+    -1 elsewhere (the prompt, the padding after a row has ended): only response tokens carry loss.
+    pad_id: any id will do (main passes EOS): padding follows every real token and is never a target."""
     T = max(len(p) + len(c) for p, c, _ in completions) - 1
     x = torch.full((len(completions), T), pad_id, dtype=torch.long)
     y = torch.full((len(completions), T), -1, dtype=torch.long)

@@ -181,6 +181,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
         if cache is not None:
             k, v = cache.keys_values(layer, k, v)
+        # mask: which keys each query may read, decided in Transformer._mask (window, cache, rows)
         y = attend(q, k, v, mask, causal=cache is None)  # no cache: the keys are the queries' own sequence
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -8,8 +8,9 @@ Pre-train a Moxin-style transformer on token shards (from `python data.py`).
 The same code runs both: under torchrun every block is sharded with FSDP2 (`fully_shard`, then
 the root), so each rank holds 1/world_size of the weights, gradients and optimizer state; as a
 plain process it is ordinary single-device training. The script reads top to bottom: check the
-inputs, build the model, then the loop; the machinery it shares with sft.py, dpo.py and grpo.py
-(building and sharding the model, the step, checkpoints, signals, logging) is trainer.py's.
+inputs, build the model, then the loop with its one optimizer step written out; the machinery it
+shares with sft.py, dpo.py and grpo.py (building and sharding the model, checkpoints, signals,
+logging) is trainer.py's.
 
 What ends up in out_dir (trainer.Run): checkpoints/ (resumable; run the same command again and
 it resumes from the newest complete one), log.jsonl, and final.pt, read by sample.py, eval.py and

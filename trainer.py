@@ -274,7 +274,7 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip):
     One optimizer step: forward/backward each micro-batch, normalise by the step's count over
     all micro-batches and ranks, clip, update. Returns the floats to log: loss and grad_norm,
     each metric of loss_fn per term, and tokens / flops / seconds for the throughput counts.
-    A NaN/inf loss or grad norm skips the update, so the weights stay at their last good values.
+    A NaN/inf loss or grad norm skips the update; Run.end_step then stops the run without saving.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device

@@ -1,10 +1,11 @@
 r"""The MATH grader (tasks/math_grader.py), eval.py's MATH-500 verdict and grpo.py's reward.
 
-- A case for each rule of the grader's docstring, and the cases the grader judged before it
-  compared values (MATH_CASES): what it judged right it still judges right.
+- A case for each rule of the grader's docstring, and MATH_CASES, the table a string-normalising
+  grader was held to: every answer judged right there is still judged right.
 - Rates over MATH-style outputs: gold answers written here in the styles of MATH-500's (integers,
   fractions, radicals, intervals, tuples, matrices, expressions, words, degrees, percents, bases),
-  each rewritten as a model writes it (the categories of issue 24). Equivalent rewritings are
+  each rewritten as a model writes it (double braces, reordered terms, \cdot, thousands
+  separators, base subscripts, letter choices, units, spaces; wrong answers; hedges). Equivalent rewritings are
   accepted on >= 97%, exact answers on 100%, hedges on <= 1%, wrong answers never.
 - math-verify (HF's grader, when installed) as an independent reference on the same outputs.
 - Bounded time: pathological outputs get their verdict in well under a second, in any thread.
