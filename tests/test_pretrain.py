@@ -115,7 +115,7 @@ def test_grad_accum_for_makes_the_global_batch():
 def shipped_config(script, path):
     """The settings `python script.py path` runs with: the script's defaults, then the config file."""
     module = importlib.import_module(script)
-    settings = dict(module.DEFAULTS) if script == 'data' else {k: getattr(module, k) for k in module.config_keys}
+    settings = {k: getattr(module, k) for k in module.config_keys}
     configurator.apply_overrides(settings, list(settings), [str(path)])
     return settings
 
