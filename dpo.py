@@ -56,7 +56,7 @@ from chats import chat_tokenizer, describe_skipped, load_pairs
 from configurator import settings
 from dataloader import PairLoader
 from trainer import (Run, UsageError, autocast_context, build_model, build_optimizer, check_hf_export, describe_model,
-                     find_checkpoint, grad_accum_for, launch, lr_at, starting_weights, token_logprobs, train_step)
+                     find_checkpoint, grad_accum_for, launch, lr_at, starting_weights, train_step)
 from weights import fetch_from_hub, is_hub_id
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
@@ -97,7 +97,7 @@ config_keys = settings(globals())
 
 def sequence_logps(model, x, y):
     """Each row's summed log-probability of its target tokens (y != -1) [2B], and their number [2B]."""
-    return token_logprobs(model, x, y).sum(-1), (y != -1).sum(-1)
+    return model.token_logprobs(x, y).sum(-1), (y != -1).sum(-1)
 
 
 def preference_terms(policy, reference, counts, beta, loss_type):

@@ -42,16 +42,14 @@ from dataclasses import dataclass, replace
 from os.path import commonprefix
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure, settings
-from model import KVCache, Sampling, apply_rope, attend, rope_cos_sin, window_mask, generate
+from model import KVCache, Sampling, apply_rope, attend, generate, rope_cos_sin, seeded_generator, window_mask
 from tokenizer import Tokenizer, encode_chat
-from trainer import setup_distributed
 from weights import load_model
 
 # ----------------------------------------------------------------------------- settings
@@ -263,12 +261,6 @@ def decode_completion(tokenizer, ids, until):
     return text, "eos" if ids and ids[-1] == tokenizer.eos_id else "max_gen_toks"
 
 
-def sample_generator(seed, problem, sample, device):
-    """The random generator of one completion: a function of (seed, the problem's place in the task,
-    the sample's number) alone, so the completions do not depend on the batches or the ranks."""
-    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, problem, sample]).generate_state(1)[0]))
-
-
 def complete(model, tokenizer, prompts, until, gen, batch_size, progress):
     """gen.samples completions of each prompt -> per prompt [(text, stopped_by)], at most
     gen.max_gen_toks tokens each; prompts: {the problem's place in the task: token ids}. A row
@@ -279,11 +271,12 @@ def complete(model, tokenizer, prompts, until, gen, batch_size, progress):
     # longest first, so a batch holds prompts of similar lengths; a prompt's samples side by
     # side, so that generate prefills it once
     rows = [(p, j) for p in sorted(prompts, key=lambda p: -len(prompts[p])) for j in range(gen.samples)]
+    # completion j of problem p draws from its own generator: neither the batches nor the ranks move it
     out = {p: [] for p in prompts}
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         new = generate(model, [prompts[p] for p, _ in batch], gen.max_gen_toks, sampling, eos_id=tokenizer.eos_id,
-                       stop=stop, generator=[sample_generator(gen.seed, p, j, device) for p, j in batch])
+                       stop=stop, generator=[seeded_generator((gen.seed, p, j), device) for p, j in batch])
         for (p, _), ids in zip(batch, new):
             out[p].append(decode_completion(tokenizer, ids, until))
         progress.update(len(batch))
@@ -507,6 +500,7 @@ def main(argv=None):
     c = SimpleNamespace(**config)
     rank = 0
     if "RANK" in os.environ:  # under torchrun each rank scores a share of every task (my_share), on its own GPU
+        from trainer import setup_distributed  # only here: trainer's imports add a second to every start
         rank, _, rank_device = setup_distributed()
         c.device = str(rank_device) if rank_device.type == "cuda" else c.device
     try:
@@ -532,7 +526,7 @@ def main(argv=None):
             dist.destroy_process_group()
     if rank == 0:
         print(table(results))
-    if c.out and rank == 0:
+    if rank == 0 and c.out:
         with open(c.out, "w") as f:
             json.dump({"ckpt": c.ckpt, "results": results, **({"samples": items} if c.log_samples else {})},
                       f, indent=2)

@@ -23,9 +23,9 @@ One step, for prompts_per_step math problems (each asked as chats.math_prompt: t
 The model build, FSDP2, AdamW, the optimizer step (trainer.train_step, shared with sft.py and
 dpo.py), checkpoints, resume, signals, the NaN guard and logging are trainer.py's; this file adds the
 four parts above. Rollouts are sampled from an unsharded copy of the policy (as verl samples with a separate
-vLLM engine), re-synced every step; the sampling seed of each group depends only on (seed, step,
-its slot in the step), so 1 process and torchrun draw the same completions, and a resumed run
-draws the same ones it would have.
+vLLM engine), re-synced every step; each completion's sampling seed depends only on (seed, step,
+its prompt's slot in the step, its number in the group), so 1 process and torchrun, and any
+rollout_rows, draw the same completions, and a resumed run draws the same ones it would have.
 
 Data (`dataset`, read by chats.rows): rows {problem, answer} (DeepScaleR's schema):
     'arithmetic'            offline: chats.arithmetic_problems('train'), the demo task sft.py learned
@@ -52,12 +52,12 @@ from torch.distributed.tensor import DTensor
 from chats import chat_tokenizer, math_prompt, rows
 from configurator import settings
 from dataloader import resume_position
-from model import GREEDY, Sampling, Transformer, generate
+from model import GREEDY, Sampling, Transformer, generate, seeded_generator
 from tasks.math_grader import math_reward
 from tokenizer import encode_chat
 from weights import is_hub_id
 from trainer import (Run, UsageError, autocast_context, build_model, build_optimizer, check_hf_export, checkpoint_meta,
-                     describe_model, find_checkpoint, launch, lr_at, starting_weights, token_logprobs, train_step)
+                     describe_model, find_checkpoint, launch, lr_at, starting_weights, train_step)
 
 # ----------------------------------------------------------------------------- defaults (= the demo)
 init_from = 'out/sft_arithmetic/final.pt'  # the policy's start and the frozen reference (sft.py --dataset=arithmetic)
@@ -195,8 +195,7 @@ def sync_rollout_model(policy, rollout_model):
 def group_generators(seed, step, slot, n, device):
     """The random generators of one group, one per completion: completion j of the prompt in the
     step's slot draws from a function of (seed, step, slot, j) alone."""
-    seeds = [int(np.random.SeedSequence([seed, step, slot, j]).generate_state(1)[0]) for j in range(n)]
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    return [seeded_generator((seed, step, slot, j), device) for j in range(n)]
 
 
 def rollout(model, prompts, generators, max_new_tokens, sampling, eos_id, chunk_rows, after_chunk=None):
@@ -295,7 +294,7 @@ def grpo_loss(model, batch, clip_eps, kl_coef):
     and averages the micro-batches, which weighs a token by how full its micro-batch is; one mean over
     the step is what that approximates, and it does not change with the number of ranks."""
     x, y, advantages, old_logp, ref_logp = batch
-    return policy_loss(token_logprobs(model, x, y), old_logp, ref_logp, advantages, y != -1, clip_eps, kl_coef)
+    return policy_loss(model.token_logprobs(x, y), old_logp, ref_logp, advantages, y != -1, clip_eps, kl_coef)
 
 
 @torch.no_grad()
@@ -307,8 +306,8 @@ def with_logprobs(policy, reference, micro_batch, device):
     x, y, advantages = micro_batch
     xd, yd = x.to(device), y.to(device)
     with autocast_context(device):
-        old = token_logprobs(policy, xd, yd).cpu()
-        ref = token_logprobs(reference, xd, yd).cpu() if reference is not None else torch.zeros_like(old)
+        old = policy.token_logprobs(xd, yd).cpu()
+        ref = reference.token_logprobs(xd, yd).cpu() if reference is not None else torch.zeros_like(old)
     return x, y, advantages, old, ref
 
 

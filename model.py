@@ -23,6 +23,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -152,7 +153,7 @@ def attend(q, k, v, mask, causal=False):
         # float32 [B, H, Tq, Tk] scores; given one key/value head per query head, the fused
         # memory-efficient kernel takes the mask. (The CPU kernels take it either way, and there
         # the copy would only cost time.)
-        k, v = repeat_kv(k, v, q.shape[1] // k.shape[1])
+        k, v = repeat_kv(k, v, group)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
 
 
@@ -451,6 +452,13 @@ def generate(model, prompts, max_new_tokens, sampling=GREEDY, *, eos_id=None, st
     for row, token in _decode(model, prompts, max_new_tokens, sampling, generator, eos_id, stop):
         new[row].append(token)
     return new
+
+
+def seeded_generator(key, device):
+    """A random generator seeded by a tuple of integers alone, e.g. (seed, step, slot, sample): one
+    completion's own noise for generate's list of generators, which no batching or rank split moves."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def stream(model, prompt, max_new_tokens, sampling=GREEDY, *, eos_id=None, generator=None):

@@ -246,12 +246,6 @@ def lm_loss(model, batch):
     return loss_sum, (y != -1).sum(), {}
 
 
-def token_logprobs(model, x, y):
-    """log p(y_t | x_<=t) at every position [B, T], 0 where y = -1 (DPO and GRPO score responses with
-    it): Transformer.token_logprobs, which computes the head at the scored positions alone."""
-    return model.token_logprobs(x, y)
-
-
 def clip_grad_norm(model, max_norm):
     """Scale the gradients down to a total norm of at most max_norm; -> the norm before clipping, a float.
     Under FSDP2 each rank holds shards: the norm is over all of them, the same number on every rank."""

@@ -184,7 +184,7 @@ def test_step_0_is_on_policy_in_reduced_precision(monkeypatch):
     model = tiny_model()
     rows = [([1, 5, 9], [4, 8, 15], 1.0), ([2, 6], [16, 23, 42, 3], -1.0)]
     batch = grpo.with_logprobs(model, copy.deepcopy(model), grpo.collate(rows, pad_id=0), 'cpu')
-    fp32_old = grpo.token_logprobs(model, *batch[:2])
+    fp32_old = model.token_logprobs(*batch[:2])
     assert (batch[3] - fp32_old).abs().max() > 1e-4  # bf16 differs from fp32: the test can tell them apart
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = trainer.train_step(model, optimizer, [batch], lambda m, b: grpo.grpo_loss(m, b, 0.2, 0.5), 0.0, 1.0)
