@@ -157,7 +157,7 @@ def simulate(args, config, setup, loss_fn=lm_loss, make_batch=random_tokens, ref
         model = build_model(args, device, config['seed'], None, False, setup.activation_checkpointing, fsdp)
         frozen = 0
         if reference:  # after the policy, as grpo.py builds it
-            ref = grpo.build_reference(args, device, config['seed'], None, fsdp)
+            ref = grpo.build_reference(args, device, config['seed'], None, fsdp, dtype=torch.bfloat16)  # as on CUDA
             frozen = sum(p.to_local().nbytes for p in ref.parameters())
         optimizer = build_optimizer(model, config['lr'], config['weight_decay'], config['betas'], config['eps'],
                                     torch.device('cuda'))

@@ -140,7 +140,8 @@ def fsdp_precision(device_type):
     return MixedPrecisionPolicy()
 
 
-def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False, fsdp=None):
+def build_model(args, device, seed, init_state=None, compile=False, activation_checkpointing=False, fsdp=None,
+                matmul_dtype=None):
     """
     Build the Transformer on the meta device (no memory), then materialise it.
     init_state: a full state dict to start from (on rank 0; other ranks pass {}), or None for random init.
@@ -158,9 +159,14 @@ def build_model(args, device, seed, init_state=None, compile=False, activation_c
     not depend on world_size. Fake tensors (dryrun.py) have no values to keep equal: they take the
     CUDA path.
     fsdp: (device mesh, MixedPrecisionPolicy) to shard with; default: all ranks, fsdp_precision(device).
+    matmul_dtype: the nn.Linear weights' dtype, for a model that is never trained (grpo.py's reference):
+    bf16 where every forward computes in bf16 anyway. Default: fp32, as everything else.
     """
     with torch.device('meta'):
         model = Transformer(args)
+    for module in model.modules():
+        if matmul_dtype is not None and isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=matmul_dtype))  # still meta
     for i, block in enumerate(model.layers):
         if activation_checkpointing:
             # a module, not a patched forward: torch.utils.checkpoint called directly turns Dynamo off

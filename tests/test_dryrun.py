@@ -81,7 +81,8 @@ def real_two_ranks(tmp_path_factory):
     rc, _, err = start('tests/shard_probe.py', [str(out)], nproc=2)
     assert rc == 0, err
     real = json.loads(out.read_text())
-    real['layout'] = {k: [p, s, d] for k, (p, s, d) in real['layout'].items()}
+    for key in ('layout', 'reference_layout'):
+        real[key] = {k: [p, s, d] for k, (p, s, d) in real[key].items()}
     return real
 
 
@@ -95,6 +96,17 @@ def test_dry_run_matches_a_real_two_rank_run(real_two_ranks):
     # and the real run trains compiled, checkpointed, sharded blocks: one graph for all, the same loss
     assert (real['graphs'], real['graph_breaks']) == (1, 0)
     assert real['compiled_loss'] == pytest.approx(real['loss'], rel=1e-5)
+
+
+def test_grpo_reference_in_bf16_gives_the_policys_logprobs_in_half_the_memory(real_two_ranks):
+    """Where the forward computes in bf16 (FSDP2's param_dtype on CUDA, emulated on 2 gloo ranks), a
+    reference whose matmul weights are stored in bf16 gives exactly the log-probs of the fp32 policy."""
+    real = real_two_ranks
+    assert real['reference_max_diff'] == 0
+    with torch.device('meta'):
+        linear = sum(m.weight.numel() for m in Transformer(model_args('tiny')).modules() if isinstance(m, torch.nn.Linear))
+    # each rank holds half of every weight; the matmul weights take 2 bytes instead of 4, the embedding and norms 4
+    assert real['policy_bytes'] - real['reference_bytes'] == 2 * linear // 2
 
 
 # ----------------------------------------------------------------------------- the report
@@ -299,10 +311,13 @@ def test_grpo_dry_run_rows_layout_and_the_held_memory_by_hand(built, capsys, rea
     assert memory['Rollout copy'] == 2 * P  # bf16, whole, on every rank
     # 8 rows x 2 layers x (K and V) x 2 kv heads x 8 slots (the window: 24 > 8) x head_dim 16 x 2 bytes
     assert memory['KV cache'] == 8 * 2 * 2 * 2 * 8 * 16 * 2
-    assert memory['Reference'] == 4 * P // 2  # fp32 shards, as grpo.py builds it: build_model, then frozen
+    with torch.device('meta'):
+        linear = sum(m.weight.numel() for m in Transformer(model_args('tiny')).modules() if isinstance(m, torch.nn.Linear))
+    # half of each weight a rank: bf16 matmul weights, fp32 embedding and norms, as grpo.py builds it on CUDA
+    assert memory['Reference'] == (2 * linear + 4 * (P - linear)) // 2
     # the policy and the reference, as built in the simulation, are laid out as a real 2-rank run lays them out
     policy, reference = built['models']
-    assert layout(policy) == layout(reference) == real_two_ranks['layout']
+    assert layout(policy) == real_two_ranks['layout'] and layout(reference) == real_two_ranks['reference_layout']
     assert not any(p.requires_grad for p in reference.parameters())
 
 

@@ -77,10 +77,9 @@ def problems(tmp_path_factory):
 
 def records(out_dir):
     """{step: record} of the training steps in log.jsonl (a step replayed after a kill keeps its last
-    record), and the held-out accuracies (greedy, sampled) in order."""
+    record), and the held-out passes' records in order."""
     lines = [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
-    return {r['step']: r for r in lines if 'loss' in r}, \
-        [(r['heldout_accuracy'], r['heldout_sampled_accuracy']) for r in lines if 'heldout_accuracy' in r]
+    return {r['step']: r for r in lines if 'loss' in r}, [r for r in lines if 'heldout_accuracy' in r]
 
 
 def run(args, out_dir, nproc=0, wait=True):
@@ -292,18 +291,25 @@ def test_a_learnable_reward_rises():
     assert sum(mean_rewards[:3]) / 3 < 0.7 and sum(mean_rewards[-3:]) / 3 > 0.9, mean_rewards
 
 
-def test_heldout_accuracy_greedy_and_sampled(sums_model, mistral):
+def test_heldout_scores_greedy_and_sampled(sums_model, mistral):
     model = load_model(str(sums_model))[0]
     problems = [(encode_chat(mistral, chats.math_prompt(p), add_generation_prompt=True)[0], a) for p, a in SUMS]
     one_by_one = [math_reward(mistral.decode(generate(model, [p], 8, eos_id=mistral.eos_id)[0]), a) for p, a in problems]
     # seed 3, 8 new tokens, 3 samples each at temperature / top_p
-    accuracy = lambda samples, temperature: grpo.heldout_accuracy(model, problems, mistral, 3, 8, samples,
-                                                                  Sampling(temperature), chunk_rows=20)
-    greedy, sampled = accuracy(3, 1.0)
-    assert greedy == sum(one_by_one) / 16 and 0 < greedy < 1
-    assert (sampled * 48) % 1 == 0 and accuracy(3, 1.0) == (greedy, sampled)
-    assert accuracy(3, 0.0) == (greedy, greedy)  # at temperature 0 every sample is the greedy answer
-    assert accuracy(0, 1.0) == (greedy, None)
+    scores = lambda samples, temperature: grpo.heldout_scores(model, problems, mistral, 3, 8, samples,
+                                                              Sampling(temperature), chunk_rows=20)
+    at_1 = scores(3, 1.0)
+    assert at_1[0].tolist() == one_by_one and 0 < sum(one_by_one) < 16
+    assert set((at_1[1] * 3).tolist()) <= {0, 1, 2, 3} and torch.equal(scores(3, 1.0), at_1)
+    assert torch.equal(scores(3, 0.0)[1], at_1[0])  # at temperature 0 every sample is the greedy answer
+    assert not scores(0, 1.0)[1].any()
+
+
+def test_paired_gain_by_hand():
+    before, after = torch.tensor([0., 1, 0, 1, 0], dtype=torch.float64), torch.tensor([1., 1, 0, 0, 1], dtype=torch.float64)
+    # differences 1, 0, 0, -1, 1: mean 0.2, sample variance (0.64 + 0.04 + 0.04 + 1.44 + 0.64) / 4 = 0.7
+    gain, se = grpo.paired_gain(before, after)
+    assert gain == pytest.approx(0.2) and se == pytest.approx((0.7 / 5) ** 0.5)
 
 
 def test_arithmetic_task_is_seeded_graded_and_held_out(mistral):
@@ -332,7 +338,11 @@ def test_run_logs_rewards_and_heldout_accuracy(reference):
     out, stdout, (steps, accuracy) = reference
     assert '16 problems, 1 skipped: longer than block_size - max_new_tokens' in stdout
     assert sorted(steps) == list(range(1, 7)) and len(accuracy) == 2
-    assert all(0 <= a <= 1 for pair in accuracy for a in pair)
+    before, after = accuracy
+    assert all(0 <= r[key] <= 1 for r in accuracy for key in ('heldout_accuracy', 'heldout_sampled_accuracy'))
+    for name in ('heldout', 'heldout_sampled'):  # the gain is after - before; its paired SE is logged beside it
+        assert after[f'{name}_gain'] == pytest.approx(after[f'{name}_accuracy'] - before[f'{name}_accuracy'])
+        assert after[f'{name}_gain_se'] >= 0 and f'{name}_gain' not in before
     assert 'held-out accuracy at step 6 (8 of ' in stdout and 'sampled' in stdout
     assert all(set(LOGGED) <= set(r) for r in steps.values())
     assert 0 < sum(r['reward'] for r in steps.values()) / 6 < 1  # rewards differ: there is something to learn
@@ -354,7 +364,8 @@ def test_torchrun_two_ranks_matches_one_process(reference, sums_model, problems,
 
 def test_kill_then_resume_continues_with_the_same_rollouts(reference, sums_model, problems, tmp_path):
     _, _, (expected, _) = reference
-    args = [f'--init_from={sums_model}', f'--dataset={problems}', f'--eval_dataset={problems}', *ARGS]
+    # no held-out passes: they draw from their own generators, so the steps are the reference's without them
+    args = [f'--init_from={sums_model}', f'--dataset={problems}', '--eval_dataset=', *ARGS]
     p = run(args, tmp_path, wait=False)
     wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(records(tmp_path)[0], default=0) >= 4, p, timeout=240)
     p.kill()
@@ -374,7 +385,7 @@ def test_a_stop_signal_during_the_rollouts_saves_the_last_finished_step(referenc
     or at the end of a step: either way the run saves the last finished step, and resuming repeats
     the dropped step with the same rollouts: every logged number as in an uninterrupted run."""
     _, _, (expected, _) = reference
-    args = [f'--init_from={sums_model}', f'--dataset={problems}', f'--eval_dataset={problems}', *ARGS,
+    args = [f'--init_from={sums_model}', f'--dataset={problems}', '--eval_dataset=', *ARGS,
             '--rollout_rows=1']  # the same completions as the reference's, which generates 16 at once
     p = run(args, tmp_path, wait=False)
     wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(records(tmp_path)[0], default=0) >= 2, p, timeout=240)
