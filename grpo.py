@@ -33,7 +33,8 @@ Data (`dataset`, read by chats.rows): rows {problem, answer} (DeepScaleR's schem
     anything else           a Hugging Face dataset, e.g. agentica-org/DeepScaleR-Preview-Dataset
 `eval_dataset` (e.g. 'arithmetic:heldout', problems in sentences never trained on) is answered
 before and after training, greedily and eval_samples times sampled as in the rollouts; both
-accuracies go to the terminal and log.jsonl.
+accuracies go to the terminal and log.jsonl, and after training their gains over the first pass,
+problem by problem, with paired standard errors (heldout_gain, heldout_sampled_gain, ..._se).
 
 Bad input stops the run before anything is written, naming the row: a row without its problem or
 answer, an answer the grader cannot match even to itself; a prompt that leaves fewer than
@@ -358,16 +359,21 @@ def heldout_scores(model, problems, tokenizer, seed, max_new_tokens, samples, sa
 
 def paired_gain(before, after):
     """How much after's mean exceeds before's, scores of the same problems: -> (mean difference, its standard
-    error = std of the per-problem differences / sqrt(problems)). Pairing takes out how hard each problem is."""
+    error = std of the per-problem differences / sqrt(problems), None for a single problem). Pairing takes
+    out how hard each problem is."""
     difference = after - before
-    return difference.mean().item(), (difference.std() / len(difference) ** 0.5).item()
+    se = (difference.std() / len(difference) ** 0.5).item() if len(difference) > 1 else None
+    return difference.mean().item(), se
 
 
 def heldout_report(step, scores, before, samples, what, temperature):
     """A held-out pass's log.jsonl record and terminal line: the accuracies (greedy, and sampled unless
-    samples = 0) and, given an earlier pass's scores (`before`), the gains over it with their paired
-    standard errors."""
+    samples = 0) and, given an earlier pass (`before`: its scores and step; a resumed run's first pass is
+    at the step it resumed from), the gains over it with their paired standard errors."""
     record, parts = {'step': step}, []
+    if before is not None:
+        before, since_step = before
+        record['heldout_gain_since_step'] = since_step
     kinds = [('heldout', 0, 'greedy')] + ([('heldout_sampled', 1, 'sampled')] if samples else [])
     for name, row, kind in kinds:
         record[f'{name}_accuracy'] = scores[row].mean().item()
@@ -375,8 +381,9 @@ def heldout_report(step, scores, before, samples, what, temperature):
         if before is not None:
             gain, se = paired_gain(before[row], scores[row])
             record.update({f'{name}_gain': gain, f'{name}_gain_se': se})
-            parts[-1] += f" ({100 * gain:+.1f} ± {100 * se:.1f} points, paired)"
-    line = f"held-out accuracy at step {step} ({what}): " + ", ".join(parts)
+            parts[-1] += f" ({100 * gain:+.1f}" + (f" ± {100 * se:.1f}" if se is not None else "") + " points, paired)"
+    since = f"; gains since step {since_step}" if before is not None else ""
+    line = f"held-out accuracy at step {step} ({what}): " + ", ".join(parts) + since
     return record, line + (f"; sampled = mean of {samples} at temperature {temperature}" if samples else "")
 
 
@@ -457,7 +464,7 @@ def main(rank, world_size, device):
         scores = heldout_scores(rollout_model, heldout, tokenizer, seed, max_new_tokens, eval_samples, sampling,
                                 rollout_rows)
         run.log(*heldout_report(run.step, scores, before, eval_samples, f"{len(heldout)} of {eval_dataset}", temperature))
-        return scores
+        return scores, run.step
 
     before = heldout_pass() if heldout else None
     loss_fn = partial(grpo_loss, clip_eps=clip_eps, kl_coef=kl_coef)

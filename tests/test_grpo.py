@@ -310,6 +310,7 @@ def test_paired_gain_by_hand():
     # differences 1, 0, 0, -1, 1: mean 0.2, sample variance (0.64 + 0.04 + 0.04 + 1.44 + 0.64) / 4 = 0.7
     gain, se = grpo.paired_gain(before, after)
     assert gain == pytest.approx(0.2) and se == pytest.approx((0.7 / 5) ** 0.5)
+    assert grpo.paired_gain(before[:1], after[:1]) == (1.0, None)  # one problem: a gain, no spread to measure
 
 
 def test_arithmetic_task_is_seeded_graded_and_held_out(mistral):
@@ -343,6 +344,7 @@ def test_run_logs_rewards_and_heldout_accuracy(reference):
     for name in ('heldout', 'heldout_sampled'):  # the gain is after - before; its paired SE is logged beside it
         assert after[f'{name}_gain'] == pytest.approx(after[f'{name}_accuracy'] - before[f'{name}_accuracy'])
         assert after[f'{name}_gain_se'] >= 0 and f'{name}_gain' not in before
+    assert after['heldout_gain_since_step'] == before['step'] == 0
     assert 'held-out accuracy at step 6 (8 of ' in stdout and 'sampled' in stdout
     assert all(set(LOGGED) <= set(r) for r in steps.values())
     assert 0 < sum(r['reward'] for r in steps.values()) / 6 < 1  # rewards differ: there is something to learn
@@ -364,7 +366,8 @@ def test_torchrun_two_ranks_matches_one_process(reference, sums_model, problems,
 
 def test_kill_then_resume_continues_with_the_same_rollouts(reference, sums_model, problems, tmp_path):
     _, _, (expected, _) = reference
-    # no held-out passes: they draw from their own generators, so the steps are the reference's without them
+    # held-out passes use their own generators and change no training step: skipped here to save time,
+    # the steps still match the reference run's
     args = [f'--init_from={sums_model}', f'--dataset={problems}', '--eval_dataset=', *ARGS]
     p = run(args, tmp_path, wait=False)
     wait_for(lambda: (tmp_path / 'log.jsonl').exists() and max(records(tmp_path)[0], default=0) >= 4, p, timeout=240)
