@@ -175,7 +175,7 @@ def build_reference(args, device, seed, init_state, fsdp=None, dtype=None):
     weights, which would be rounded to bf16 in every forward anyway, in half the memory (as verl keeps
     its reference in bf16). The embedding and the norms, 2% of a 7B model that a single GPU's autocast
     computes in fp32, stay fp32."""
-    dtype = dtype or (torch.bfloat16 if device.type == 'cuda' else torch.float32)
+    dtype = dtype or (torch.bfloat16 if device.type == 'cuda' else None)  # None: fp32, as the policy
     return build_model(args, device, seed, init_state, fsdp=fsdp, matmul_dtype=dtype).requires_grad_(False)
 
 

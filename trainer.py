@@ -164,9 +164,10 @@ def build_model(args, device, seed, init_state=None, compile=False, activation_c
     """
     with torch.device('meta'):
         model = Transformer(args)
-    for module in model.modules():
-        if matmul_dtype is not None and isinstance(module, torch.nn.Linear):
-            module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=matmul_dtype))  # still meta
+    if matmul_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=matmul_dtype))  # still meta
     for i, block in enumerate(model.layers):
         if activation_checkpointing:
             # a module, not a patched forward: torch.utils.checkpoint called directly turns Dynamo off

@@ -13,7 +13,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import dryrun
 import grpo
-import grpo
 import model as model_module
 import trainer
 from model import Transformer, model_args
@@ -74,6 +73,12 @@ def test_the_dry_run_runs_the_real_build_path(monkeypatch):
         simulate(2, activation_checkpointing=True)
 
 
+def linear_params(args):
+    """The nn.Linear weights' parameter count of a model of this shape: the part grpo.py's reference keeps in bf16."""
+    with torch.device('meta'):
+        return sum(m.weight.numel() for m in Transformer(args).modules() if isinstance(m, torch.nn.Linear))
+
+
 @pytest.fixture(scope='module')
 def real_two_ranks(tmp_path_factory):
     """tests/shard_probe.py under torchrun, 2 ranks (gloo): rank 0's parameter layout, bytes and losses."""
@@ -103,8 +108,7 @@ def test_grpo_reference_in_bf16_gives_the_policys_logprobs_in_half_the_memory(re
     reference whose matmul weights are stored in bf16 gives exactly the log-probs of the fp32 policy."""
     real = real_two_ranks
     assert real['reference_max_diff'] == 0
-    with torch.device('meta'):
-        linear = sum(m.weight.numel() for m in Transformer(model_args('tiny')).modules() if isinstance(m, torch.nn.Linear))
+    linear = linear_params(model_args('tiny'))
     # each rank holds half of every weight; the matmul weights take 2 bytes instead of 4, the embedding and norms 4
     assert real['policy_bytes'] - real['reference_bytes'] == 2 * linear // 2
 
@@ -311,8 +315,7 @@ def test_grpo_dry_run_rows_layout_and_the_held_memory_by_hand(built, capsys, rea
     assert memory['Rollout copy'] == 2 * P  # bf16, whole, on every rank
     # 8 rows x 2 layers x (K and V) x 2 kv heads x 8 slots (the window: 24 > 8) x head_dim 16 x 2 bytes
     assert memory['KV cache'] == 8 * 2 * 2 * 2 * 8 * 16 * 2
-    with torch.device('meta'):
-        linear = sum(m.weight.numel() for m in Transformer(model_args('tiny')).modules() if isinstance(m, torch.nn.Linear))
+    linear = linear_params(model_args('tiny'))
     # half of each weight a rank: bf16 matmul weights, fp32 embedding and norms, as grpo.py builds it on CUDA
     assert memory['Reference'] == (2 * linear + 4 * (P - linear)) // 2
     # the policy and the reference, as built in the simulation, are laid out as a real 2-rank run lays them out
